@@ -1,0 +1,10 @@
+"""ActivationMonitor (work in progress: being written now)."""
+
+from __future__ import annotations
+
+from .base import Monitor
+
+
+class ActivationMonitor(Monitor):
+    def __init__(self) -> None:
+        super().__init__()

@@ -1,0 +1,272 @@
+"""The base of every lightning-diag callback: findings, shared context, sinks, and never breaking the fit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import traceback
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from diag.codes import code_info
+from diag.context import DiagContext
+from diag.findings import Finding, Severity
+from diag.sinks import ConsoleSink, JsonlSink, LoggerMetricsSink, TensorBoardSink, findings_path
+
+from ._compat import CALLBACK_BASES, is_tensorboard_logger
+
+log = logging.getLogger("diag")
+
+# Hooks that run user-visible work: every one is guarded so that a failure disables the monitor instead of
+# raising into the fit.
+_GUARDED_PREFIXES = ("on_",)
+_GUARDED_NAMES = {"setup", "teardown", "load_state_dict"}
+
+
+def _guard(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def guarded(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
+        # The base duties (open/flush/close the sinks, set the trainer, release hooks) run once per hook call,
+        # at the outermost override, even when the monitor is switched off and whether or not it calls super().
+        outermost = getattr(type(self), name, None) is guarded
+        result = None
+        if outermost:
+            self._run_duty(name, "before", args)
+        if not self._disabled:
+            try:
+                result = fn(self, *args, **kwargs)
+            except Exception as exc:  # never raised into the fit: see SPEC "Never breaks the user's fit"
+                self._fail(exc, name)
+                result = None
+        if outermost:
+            self._run_duty(name, "after", args)
+        return result
+
+    guarded.__diag_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _guard_class(cls: type) -> None:
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not getattr(value, "__diag_guarded__", False) and (
+            name.startswith(_GUARDED_PREFIXES) or name in _GUARDED_NAMES
+        ):
+            setattr(cls, name, _guard(name, value))
+
+
+class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
+    """Base of the lightning-diag callbacks.
+
+    A monitor used alone writes its own findings (JSONL, console, TensorBoard); monitors composed in
+    :class:`~diag.callbacks.Diagnostics` share one context and the Diagnostics callback writes for all.
+
+    Subclasses implement Lightning hooks as usual. Each hook is guarded: an exception switches the monitor off
+    and becomes an ``info`` finding ``diag_internal_error``. A subclass that holds resources (forward hooks)
+    releases them in :meth:`_release`.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_class(cls)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._context = DiagContext()
+        self._is_root = True
+        self._disabled = False
+        self._trainer: Any = None
+
+    # ---- identity ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_args())
+
+    def _state_key_args(self) -> Dict[str, Any]:
+        """Arguments that tell two instances of the same monitor apart (Lightning's ``state_key`` convention)."""
+        return {}
+
+    # ---- findings ---------------------------------------------------------------------------------
+    @property
+    def findings(self) -> List[Finding]:
+        """All findings of this monitor so far, oldest first."""
+        return self._context.collector.findings_of(self.name)
+
+    @property
+    def context(self) -> DiagContext:
+        return self._context
+
+    def _attach(self, context: DiagContext) -> None:
+        """Share ``context`` with a composing callback, which then owns the sinks."""
+        self._context = context
+        self._is_root = False
+
+    def step(self) -> int:
+        return int(self._trainer.global_step) if self._trainer is not None else 0
+
+    def epoch(self) -> int:
+        return int(self._trainer.current_epoch) if self._trainer is not None else 0
+
+    def report(self, code: str, message: str, advice: Optional[str] = None, evidence: Optional[Mapping[str, Any]] = None,
+               layer: Optional[str] = None, severity: Optional[Severity] = None) -> Optional[Finding]:
+        """Raise a finding; returns it when it is new (or more severe than before), else ``None``."""
+        info = code_info(code)
+        finding = Finding(code=code, severity=Severity(severity) if severity is not None else info.severity,
+                          step=self.step(), epoch=self.epoch(), message=message, advice=advice or info.advice,
+                          evidence=dict(evidence or {}), layer=layer)
+        return self._context.collector.report(finding, source=self.name)
+
+    def log_scalars(self, scalars: Mapping[str, float]) -> None:
+        """Scalars named ``diag/...`` at the current global step (TensorBoard, or the logger's ``log_metrics``)."""
+        self._context.collector.log_scalars(scalars, self.step())
+
+    def is_global_zero(self) -> bool:
+        return self._trainer is None or bool(getattr(self._trainer, "is_global_zero", True))
+
+    # ---- failure ----------------------------------------------------------------------------------
+    def _fail(self, exc: BaseException, hook: str) -> None:
+        self._disabled = True
+        try:
+            self._release()
+        except Exception:
+            pass
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        location = f"{os.path.basename(where.filename)}:{where.lineno}" if where else "?"
+        try:
+            self.report(
+                "diag_internal_error",
+                f"{self.name} failed in {hook} ({type(exc).__name__}: {exc}) at {location} and switched itself off.",
+                advice="Training continues unaffected; the other monitors keep watching. Please report this message "
+                       "to the lightning-diag maintainers.",
+                evidence={"monitor": self.name, "hook": hook, "exception": type(exc).__name__, "detail": str(exc)[:500],
+                          "location": location},
+                layer=self.name,
+            )
+        except Exception:
+            pass
+        log.warning("lightning-diag: %s switched off after an internal error in %s: %s: %s", self.name, hook,
+                    type(exc).__name__, exc)
+
+    def _release(self) -> None:
+        """Release resources (forward hooks, copies). Called at teardown and when the monitor fails."""
+
+    # ---- Lightning plumbing shared by all monitors -------------------------------------------------
+    # Subclasses override any hook freely (no need to call super()): the duties below run around the outermost
+    # override of each hook, see _guard.
+    def _run_duty(self, hook: str, when: str, args: tuple) -> None:
+        try:
+            if when == "before" and hook in ("setup", "on_fit_start") and args:
+                self._trainer = args[0]
+            if not self._is_root:
+                if when == "after" and hook == "teardown":
+                    self._release()
+                return
+            collector = self._context.collector
+            if when == "before" and hook == "on_fit_start":
+                collector.open(self._make_sinks(args[0]))
+            elif when == "after" and hook in ("on_train_batch_end", "on_train_epoch_end", "on_validation_end"):
+                collector.flush(self.step())
+            elif when == "after" and hook in ("on_fit_end", "on_exception"):
+                collector.flush(self.step(), force=True)
+                collector.close()
+            elif when == "after" and hook == "teardown":
+                self._release()
+        except Exception as exc:  # a sink failing must not break the fit either
+            log.warning("lightning-diag: %s could not write its output in %s: %s: %s", self.name, hook,
+                        type(exc).__name__, exc)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pass
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        pass
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        pass
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        pass
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pass
+
+    # sink options, set by subclasses' __init__ through _set_output_options
+    _console: bool = True
+    _jsonl: bool = True
+    _tensorboard: bool = True
+
+    def _make_sinks(self, trainer: Any) -> list:
+        if not getattr(trainer, "is_global_zero", True):
+            return []  # findings are emitted once, on rank zero
+        sinks: list = []
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        if self._jsonl:
+            log_dir = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+            sinks.append(JsonlSink(findings_path(log_dir)))
+        if self._console:
+            sinks.append(ConsoleSink())
+        if self._tensorboard:
+            tb = [lg for lg in loggers if is_tensorboard_logger(lg)]
+            others = [lg for lg in loggers if not is_tensorboard_logger(lg)]
+            if tb:
+                sinks.append(TensorBoardSink(tb[0].experiment))
+            if others:
+                sinks.append(LoggerMetricsSink(others))
+        return sinks
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        try:
+            state = {"monitor": self._monitor_state()}
+            if self._is_root:
+                state["collector"] = self._context.collector.state_dict()
+            return state
+        except Exception as exc:
+            self._fail(exc, "state_dict")
+            return {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if "collector" in state_dict and self._is_root:
+            self._context.collector.load_state_dict(state_dict["collector"])
+        if "monitor" in state_dict:
+            self._load_monitor_state(state_dict["monitor"])
+
+    def _monitor_state(self) -> Dict[str, Any]:
+        """The monitor's own statistics, O(layers); subclasses override together with :meth:`_load_monitor_state`."""
+        return {}
+
+    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+_guard_class(Monitor)
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"`{name}` must be a number in [{low}, {high}], got {value!r}.")
+    return float(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+    return float(value)

@@ -1,0 +1,10 @@
+"""DataMonitor (work in progress: being written now)."""
+
+from __future__ import annotations
+
+from .base import Monitor
+
+
+class DataMonitor(Monitor):
+    def __init__(self) -> None:
+        super().__init__()

@@ -1,0 +1,137 @@
+"""``Diagnostics``: every monitor with sane defaults, in one callback."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+from diag.findings import Finding
+
+from ._compat import CALLBACK_BASES
+from .activations import ActivationMonitor
+from .base import Monitor
+from .data import DataMonitor
+from .fit import FitMonitor
+from .gradients import GradientMonitor
+from .loss_curve import LossCurveMonitor
+from .lr_probe import LearningRateProbe
+from .setup_check import SetupCheck
+
+# Every hook a Lightning callback can receive; Diagnostics hands each to the monitors that implement it.
+_FORWARDED_HOOKS = sorted(
+    {n for base in CALLBACK_BASES for n in vars(base) if n.startswith("on_")} | {"setup", "teardown"}
+)
+
+
+def _pick(name: str, value: Any, cls: type) -> Optional[Monitor]:
+    if value is True:
+        return cls()
+    if value is False or value is None:
+        return None
+    if isinstance(value, cls):
+        return value
+    raise TypeError(f"`{name}` must be True, False or a {cls.__name__} instance, got {type(value).__name__}: {value!r}.")
+
+
+def _make_forwarder(hook: str):
+    def forward(self: "Diagnostics", *args: Any, **kwargs: Any) -> None:
+        for monitor in self._hooked.get(hook, ()):
+            getattr(monitor, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    forward.__doc__ = f"Hands ``{hook}`` to the monitors that implement it."
+    return forward
+
+
+class Diagnostics(Monitor):
+    """Watches a training run and reports what is wrong and what to do: every lightning-diag monitor in one callback.
+
+    Each argument switches a monitor on (``True``, its defaults), off (``False``) or passes a configured
+    instance. Findings go to ``.findings``, the console (warnings and errors once, a summary at the end of fit),
+    ``<log_dir>/diag/findings.jsonl`` and, with a ``TensorBoardLogger``, to TensorBoard (``diag/...`` scalars,
+    the ``diag/findings`` text table and a custom-scalars layout).
+
+    Args:
+        loss_curve: the training-loss monitor (non-finite, diverging, oscillating, plateau, initial loss).
+        lr_probe: the learning-rate-versus-code-bug probe, run when the loss misbehaves.
+        gradients: gradient norms, noise scale, exploding/vanishing/missing gradients, zig-zag updates.
+        activations: non-zero-centered inputs, dead and saturated units.
+        fit: underfitting, overfitting and early stopping, from the logged train/validation losses.
+        setup_check: optimizer and normalization-layer checks when training starts.
+        data: input normalization, class balance and train/validation overlap, on the batches Lightning hands over.
+        console: print new warnings/errors and a summary table at the end of fit.
+        jsonl: write ``<log_dir>/diag/findings.jsonl``.
+        tensorboard: write scalars, the findings table and the layout to the attached logger(s).
+
+    Example::
+
+        from diag.callbacks import Diagnostics, GradientMonitor
+        trainer = pl.Trainer(callbacks=[Diagnostics(gradients=GradientMonitor(interval=10))])
+        trainer.fit(model, train_loader, val_loader)
+        for finding in trainer.callbacks[0].findings: print(finding.code, finding.advice)
+    """
+
+    def __init__(
+        self,
+        loss_curve: Union[bool, LossCurveMonitor] = True,
+        lr_probe: Union[bool, LearningRateProbe] = True,
+        gradients: Union[bool, GradientMonitor] = True,
+        activations: Union[bool, ActivationMonitor] = True,
+        fit: Union[bool, FitMonitor] = True,
+        setup_check: Union[bool, SetupCheck] = True,
+        data: Union[bool, DataMonitor] = True,
+        console: bool = True,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        super().__init__()
+        for flag_name, flag in (("console", console), ("jsonl", jsonl), ("tensorboard", tensorboard)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{flag_name}` must be True or False, got {flag!r}.")
+        self._console, self._jsonl, self._tensorboard = console, jsonl, tensorboard
+        # Order matters: checks and measurements first, the probe last so it sees this step's requests.
+        chosen = [
+            _pick("setup_check", setup_check, SetupCheck),
+            _pick("data", data, DataMonitor),
+            _pick("loss_curve", loss_curve, LossCurveMonitor),
+            _pick("gradients", gradients, GradientMonitor),
+            _pick("activations", activations, ActivationMonitor),
+            _pick("fit", fit, FitMonitor),
+            _pick("lr_probe", lr_probe, LearningRateProbe),
+        ]
+        self.monitors: List[Monitor] = [m for m in chosen if m is not None]
+        for monitor in self.monitors:
+            monitor._attach(self._context)
+        self._hooked: Dict[str, List[Monitor]] = {
+            hook: [m for m in self.monitors if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
+                   or hook in ("setup", "on_fit_start", "teardown")]
+            for hook in _FORWARDED_HOOKS
+        }
+
+    @property
+    def findings(self) -> List[Finding]:
+        """All findings of every monitor so far, oldest first."""
+        return self._context.collector.findings
+
+    def monitor(self, cls: type) -> Optional[Monitor]:
+        """The composed monitor of type ``cls``, if switched on."""
+        return next((m for m in self.monitors if isinstance(m, cls)), None)
+
+    for _hook in _FORWARDED_HOOKS:
+        locals()[_hook] = _make_forwarder(_hook)
+    del _hook
+
+    def _release(self) -> None:
+        for monitor in self.monitors:
+            monitor._release()
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["monitors"] = {type(m).__name__: m.state_dict() for m in self.monitors}
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for monitor in self.monitors:
+            sub = state_dict.get("monitors", {}).get(type(monitor).__name__)
+            if sub:
+                monitor.load_state_dict(sub)

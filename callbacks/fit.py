@@ -1,0 +1,10 @@
+"""FitMonitor (work in progress: being written now)."""
+
+from __future__ import annotations
+
+from .base import Monitor
+
+
+class FitMonitor(Monitor):
+    def __init__(self) -> None:
+        super().__init__()

@@ -1,0 +1,10 @@
+"""SetupCheck (work in progress: being written now)."""
+
+from __future__ import annotations
+
+from .base import Monitor
+
+
+class SetupCheck(Monitor):
+    def __init__(self) -> None:
+        super().__init__()

@@ -1,0 +1,118 @@
+"""Collects findings: one per ``(code, layer)``, raised again only when its severity rises; fans out to sinks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from diag.findings import Finding, Severity
+from diag.sinks.base import Sink
+
+
+class FindingsCollector:
+    """De-duplicates findings and hands the new ones to the sinks.
+
+    A finding is new when no finding with the same ``(code, layer)`` exists, or when its severity is higher
+    than the one already held. A repeat at the same or a lower severity only updates the evidence of the
+    finding held (sinks are not told again: nothing is reported twice).
+
+    Example::
+
+        collector = FindingsCollector(sinks=[JsonlSink("run/diag/findings.jsonl")])
+        collector.report(finding, source="LossCurveMonitor")
+    """
+
+    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
+        self._findings: List[Finding] = []
+        self._index: Dict[tuple, int] = {}
+        self._sources: Dict[tuple, str] = {}
+        self._sinks: List[Sink] = list(sinks)
+        self._dirty = False
+
+    # ---- findings -------------------------------------------------------------------------------
+    @property
+    def findings(self) -> List[Finding]:
+        """All findings so far, oldest first."""
+        return list(self._findings)
+
+    def findings_of(self, source: str) -> List[Finding]:
+        return [f for f in self._findings if self._sources.get(f.key) == source]
+
+    def get(self, code: str, layer: Optional[str] = None) -> Optional[Finding]:
+        i = self._index.get((code, layer))
+        return None if i is None else self._findings[i]
+
+    def has(self, code: str, min_severity: Severity = Severity.INFO, any_layer: bool = True) -> bool:
+        """Whether a finding with ``code`` (of at least ``min_severity``) was raised, on any layer by default."""
+        return any(f.code == code and f.severity.rank >= Severity(min_severity).rank for f in self._findings)
+
+    def report(self, finding: Finding, source: str = "") -> Optional[Finding]:
+        """Record ``finding``; return it when it is new or more severe than before, else ``None``."""
+        key = finding.key
+        i = self._index.get(key)
+        if i is not None:
+            held = self._findings[i]
+            if finding.severity.rank <= held.severity.rank:
+                merged = {**held.evidence, **finding.evidence}
+                self._findings[i] = dataclasses.replace(held, evidence=merged)
+                return None
+            # Severity rose: keep the position of the finding, report it again.
+            self._findings[i] = finding
+        else:
+            self._index[key] = len(self._findings)
+            self._findings.append(finding)
+        self._sources[key] = source
+        self._dirty = True
+        for sink in self._sinks:
+            sink.on_finding(finding, self._findings)
+        return finding
+
+    # ---- sinks ----------------------------------------------------------------------------------
+    @property
+    def sinks(self) -> List[Sink]:
+        return list(self._sinks)
+
+    def open(self, sinks: Sequence[Sink]) -> None:
+        """Attach ``sinks`` (closing any earlier ones) and show them the findings already held."""
+        self.close()
+        self._sinks = list(sinks)
+        for sink in self._sinks:
+            sink.open(self._findings)
+        self._dirty = bool(self._findings)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        if not scalars:
+            return
+        for sink in self._sinks:
+            sink.log_scalars(scalars, step)
+
+    def flush(self, step: int, force: bool = False) -> None:
+        """Let the sinks rewrite what shows all findings (e.g. the TensorBoard table), if they changed."""
+        if not (self._dirty or force):
+            return
+        self._dirty = False
+        for sink in self._sinks:
+            sink.flush(self._findings, step)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close(self._findings)
+        self._sinks = []
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"findings": [f.to_dict() for f in self._findings],
+                "sources": [self._sources.get(f.key, "") for f in self._findings]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        findings = [Finding.from_dict(d) for d in state.get("findings", [])]
+        sources = list(state.get("sources", [""] * len(findings)))
+        for finding, source in zip(findings, sources):
+            key = finding.key
+            if key in self._index:
+                self._findings[self._index[key]] = finding
+            else:
+                self._index[key] = len(self._findings)
+                self._findings.append(finding)
+            self._sources[key] = source
+        self._dirty = True

@@ -1,0 +1,26 @@
+"""The sink interface: where findings and scalars go."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from diag.findings import Finding
+
+
+class Sink:
+    """Receives findings and scalars. Every method is optional; a sink must never raise into training."""
+
+    def open(self, findings: Sequence[Finding]) -> None:
+        """Called when a fit starts, with the findings already held (e.g. restored from a checkpoint)."""
+
+    def on_finding(self, finding: Finding, findings: Sequence[Finding]) -> None:
+        """A finding is new or rose in severity."""
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Scalars named ``diag/...``."""
+
+    def flush(self, findings: Sequence[Finding], step: int) -> None:
+        """The findings changed since the last flush: rewrite whatever shows all of them."""
+
+    def close(self, findings: Sequence[Finding]) -> None:
+        """The fit ended."""

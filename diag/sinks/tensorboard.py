@@ -1,0 +1,77 @@
+"""TensorBoard sink: ``diag/...`` scalars, the ``diag/findings`` markdown table and a custom-scalars layout."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Sequence
+
+from diag.findings import Finding, Severity
+from diag.sinks.base import Sink
+from diag.sinks.table import markdown_table
+
+TEXT_TAG = "diag/findings"
+
+# The custom-scalars layout: one category, one chart per family of tags. Chart tags are regular expressions,
+# so per-layer charts appear as layers are measured, without rewriting the layout.
+LAYOUT: Dict[str, Dict[str, list]] = {
+    "lightning-diag": {
+        "training loss (raw, smoothed)": ["Multiline", [r"diag/loss(_smoothed)?$"]],
+        "learning-rate probe: loss fraction after probe per LR factor": ["Multiline", [r"diag/probe/.*"]],
+        "gradient norm (total, per layer)": ["Multiline", [r"diag/grad_norm(/.*)?$"]],
+        "gradient noise scale vs batch size": ["Multiline", [r"diag/grad_noise_scale$", r"diag/batch_size$"]],
+        "update-to-weight ratio (log10)": ["Multiline", [r"diag/update_to_weight_ratio(/.*)?$"]],
+        "update direction cosine (zig-zag < 0)": ["Multiline", [r"diag/update_cosine(/.*)?$"]],
+        "activation mean per layer": ["Multiline", [r"diag/activation_mean/.*"]],
+        "fraction of positive inputs per weight layer": ["Multiline", [r"diag/fraction_positive_inputs/.*"]],
+        "dead units per layer": ["Multiline", [r"diag/dead_fraction/.*"]],
+        "saturated units per layer": ["Multiline", [r"diag/saturated_fraction/.*"]],
+        "generalization gap (val - train)": ["Multiline", [r"diag/generalization_gap$", r"diag/(train|val)_loss$"]],
+        "findings by severity": ["Multiline", [r"diag/findings/.*"]],
+    }
+}
+
+
+def severity_counts(findings: Sequence[Finding]) -> Dict[str, float]:
+    counts = {s.value: 0 for s in Severity}
+    for f in findings:
+        counts[f.severity.value] += 1
+    return {f"diag/findings/{k}": float(v) for k, v in counts.items()}
+
+
+class TensorBoardSink(Sink):
+    """Writes through a ``SummaryWriter`` (e.g. ``TensorBoardLogger.experiment``)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def open(self, findings: Sequence[Finding]) -> None:
+        self.writer.add_custom_scalars(LAYOUT)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def flush(self, findings: Sequence[Finding], step: int) -> None:
+        self.writer.add_text(TEXT_TAG, markdown_table(findings), global_step=step)
+        self.log_scalars(severity_counts(findings), step)
+        self.writer.flush()
+
+    def close(self, findings: Sequence[Finding]) -> None:
+        try:
+            self.writer.flush()
+        except Exception:  # a writer closed by its logger already
+            pass
+
+
+class LoggerMetricsSink(Sink):
+    """For loggers other than TensorBoard: scalars through ``logger.log_metrics``."""
+
+    def __init__(self, loggers: Sequence[Any]) -> None:
+        self.loggers = list(loggers)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        metrics = {k: float(v) for k, v in scalars.items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def flush(self, findings: Sequence[Finding], step: int) -> None:
+        self.log_scalars(severity_counts(findings), step)

@@ -1,0 +1,106 @@
+"""The backbone: Finding, collector, sinks, both Lightning namespaces, outputs read back from disk."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lightning.pytorch as L
+import pytorch_lightning as pl
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diag import CATALOGUE, Finding, FindingsCollector, Severity
+from diag.callbacks import Diagnostics, Monitor
+from diag.sinks import JsonlSink, markdown_table, read_findings
+from tests.helpers import Classifier, classifier_for, digits_loaders, mlp, trainer
+
+SPEC_CODES = """nonfinite_loss loss_diverging loss_oscillating loss_plateau unexpected_initial_loss lr_too_high lr_too_low
+suspected_code_bug high_gradient_noise exploding_gradients vanishing_gradients missing_gradients zigzag_updates
+non_zero_centered_activation dead_units saturated_activations batchnorm_on_sequence batchnorm_small_batch
+adam_coupled_weight_decay sgd_without_momentum underfitting overfitting early_stop_suggested inputs_not_normalized
+class_imbalance train_val_overlap diag_internal_error""".split()
+
+
+def test_catalogue_has_every_spec_code():
+    assert set(SPEC_CODES) <= set(CATALOGUE)
+    for info in CATALOGUE.values():
+        assert info.meaning and info.advice
+
+
+def test_finding_round_trips_and_cleans_evidence():
+    f = Finding("lr_too_high", "warning", 3, 0, "m", "a", {"lr": torch.tensor(0.5), "nan": float("nan"), "ok": True})
+    assert f.severity is Severity.WARNING and f.evidence == {"lr": 0.5, "nan": "nan", "ok": 1}
+    assert Finding.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+    with pytest.raises(ValueError, match="severity must be one of"):
+        Finding("x", "fatal", 0, 0, "m", "a")
+
+
+def test_collector_dedupes_and_upgrades(tmp_path):
+    path = tmp_path / "diag" / "findings.jsonl"
+    c = FindingsCollector()
+    c.open([JsonlSink(str(path))])
+    assert c.report(Finding("dead_units", "info", 1, 0, "m", "a", {"n": 1}, layer="fc1"))
+    assert c.report(Finding("dead_units", "info", 2, 0, "m", "a", {"n": 2}, layer="fc1")) is None
+    assert c.findings[0].evidence["n"] == 2 and c.findings[0].step == 1
+    assert c.report(Finding("dead_units", "warning", 3, 0, "m", "a", {"n": 3}, layer="fc1"))
+    assert c.report(Finding("dead_units", "info", 4, 0, "m", "a", layer="fc2"))
+    assert len(c.findings) == 2 and c.findings[0].severity is Severity.WARNING
+    c.close()
+    assert [json.loads(line)["severity"] for line in path.read_text().splitlines()] == ["info", "warning", "info"]
+    assert {f.key: f.severity.value for f in read_findings(str(path))} == {("dead_units", "fc1"): "warning",
+                                                                             ("dead_units", "fc2"): "info"}
+
+
+def test_markdown_table_escapes_pipes():
+    table = markdown_table([Finding("loss_plateau", "warning", 1, 0, "a|b", "c\nd")])
+    assert "a\\|b" in table and "c d" in table and table.count("\n") == 2
+
+
+class _Raises(Monitor):
+    """A monitor that reports once, then fails: the fit must go on."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            self.report("loss_plateau", "test finding", evidence={"batch_idx": batch_idx})
+            self.log_scalars({"diag/test_scalar": 1.5})
+        else:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("namespace", [pl, L], ids=["pytorch_lightning", "lightning.pytorch"])
+def test_monitor_outputs_in_both_namespaces(tmp_path, namespace):
+    train, val = digits_loaders(n_train=256)
+    monitor = _Raises()
+    t = trainer(tmp_path, [monitor], max_epochs=1, namespace=namespace)
+    t.fit(classifier_for(namespace)(mlp([64, 32, 10])), train, val)
+    codes = [f.code for f in monitor.findings]
+    assert codes == ["loss_plateau", "diag_internal_error"]
+    assert "boom" in monitor.findings[1].message
+    # JSONL in the logger's directory
+    jsonl = os.path.join(t.log_dir, "diag", "findings.jsonl")
+    assert [f.code for f in read_findings(jsonl)] == codes
+    # TensorBoard: scalar, text table and custom-scalars layout read back from the event files
+    acc = EventAccumulator(t.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("diag/test_scalar")] == [1.5]
+    text = acc.Tensors("diag/findings/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "loss_plateau" in text and "diag_internal_error" in text
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_logger_false_still_collects_and_writes_jsonl(tmp_path):
+    train, _ = digits_loaders(n_train=128)
+    monitor = _Raises()
+    t = trainer(tmp_path, [monitor], max_epochs=1, logger=False)
+    t.fit(Classifier(mlp([64, 10])), train)
+    assert [f.code for f in monitor.findings] == ["loss_plateau", "diag_internal_error"]
+    assert os.path.exists(os.path.join(str(tmp_path), "diag", "findings.jsonl"))
+
+
+def test_diagnostics_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="`gradients` must be True, False or a GradientMonitor"):
+        Diagnostics(gradients="yes")
+    with pytest.raises(TypeError, match="`console` must be True or False"):
+        Diagnostics(console=1)
