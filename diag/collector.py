@@ -28,6 +28,7 @@ class FindingsCollector:
         self._sources: Dict[tuple, str] = {}
         self._sinks: List[Sink] = list(sinks)
         self._dirty = False
+        self._flushed = False
 
     # ---- findings -------------------------------------------------------------------------------
     @property
@@ -79,6 +80,7 @@ class FindingsCollector:
         for sink in self._sinks:
             sink.open(self._findings)
         self._dirty = bool(self._findings)
+        self._flushed = False
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if not scalars:
@@ -87,10 +89,15 @@ class FindingsCollector:
             sink.log_scalars(scalars, step)
 
     def flush(self, step: int, force: bool = False) -> None:
-        """Let the sinks rewrite what shows all findings (e.g. the TensorBoard table), if they changed."""
-        if not (self._dirty or force):
+        """Let the sinks rewrite what shows all findings (e.g. the TensorBoard table), if they changed.
+
+        ``force`` writes even without a change when nothing was written since :meth:`open` (so that a run with
+        no findings still shows an empty table); the table is never rewritten unchanged.
+        """
+        if not (self._dirty or (force and not self._flushed)):
             return
         self._dirty = False
+        self._flushed = True
         for sink in self._sinks:
             sink.flush(self._findings, step)
 

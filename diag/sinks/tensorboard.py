@@ -21,10 +21,12 @@ LAYOUT: Dict[str, Dict[str, list]] = {
         "update-to-weight ratio (log10)": ["Multiline", [r"diag/update_to_weight_ratio(/.*)?$"]],
         "update direction cosine (zig-zag < 0)": ["Multiline", [r"diag/update_cosine(/.*)?$"]],
         "activation mean per layer": ["Multiline", [r"diag/activation_mean/.*"]],
+        "activation std per layer": ["Multiline", [r"diag/activation_std/.*"]],
         "fraction of positive inputs per weight layer": ["Multiline", [r"diag/fraction_positive_inputs/.*"]],
         "dead units per layer": ["Multiline", [r"diag/dead_fraction/.*"]],
         "saturated units per layer": ["Multiline", [r"diag/saturated_fraction/.*"]],
         "generalization gap (val - train)": ["Multiline", [r"diag/generalization_gap$", r"diag/(train|val)_loss$"]],
+        "best validation epoch": ["Multiline", [r"diag/best_val_epoch$"]],
         "findings by severity": ["Multiline", [r"diag/findings/.*"]],
     }
 }
