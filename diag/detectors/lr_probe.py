@@ -1,0 +1,249 @@
+"""The learning-rate probe's verdict: learning rate too high, too low, a code bug, or fine.
+
+Reads a :class:`diag.probe.ProbeResult` (per learning-rate factor: how far the loss on the fitted half of a
+frozen batch fell, how the held-out half moved; plus the zero-input baseline) and says what a senior engineer
+would say. Thresholds were set on the fault suite in ``tests/test_lr_probe.py`` (digits MLP/CNN, GRU on tokens,
+a regression MLP) with the margins noted next to each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from diag.probe import FactorResult, ProbeResult
+
+# A factor "fits" the batch when its steps remove at least half of the start loss (Karpathy's "overfit one
+# batch": a working model and learning rate drive a tiny batch's loss towards zero). Healthy runs: the best factor
+# removes >= 97% in 30 steps; the softmax-into-CrossEntropy bug cannot pass 37% (its loss is bounded below).
+FIT_PROGRESS = 0.5
+# The current learning rate "barely moves" the batch below this progress (the issue: "< a few %"). Healthy runs:
+# the current factor removes >= 24% (CNN+BatchNorm at step 30); too-low runs (SGD 1e-5, Adam 1e-7): < 0.1%.
+STALL_PROGRESS = 0.05
+# For lr_too_low, a larger factor must remove at least this much (Adam 1e-7 at 1e4x removes 54%, SGD 1e-5 73%).
+LOW_LARGER_PROGRESS = 0.25
+# lr_too_low only while the batch loss is still at least this share of the input-free loss (the model has not
+# learned much yet): a converged model barely moves at any sane learning rate, and a larger one always "wins" on a
+# single batch. Too-low runs: 1.0 (at chance); healthy runs at step 30: 0.25 (SGD+momentum) to 1.0 (GRU).
+LOW_LR_MIN_REMAINING = 0.5
+# Held-out loss after the steps over max(held-out start, fit start): above this the factor blew the model up even if
+# it memorized the fitted half (CS231n: "cost above 3x the initial" means the learning rate is too high).
+# Healthy runs at the current factor: <= 1.45 (GRU at step 1); Adam at 3.0: 7.4; SGD at 3.0 diverges.
+HELDOUT_BLOWUP_RATIO = 3.0
+BLOWUP_FLOOR_SHARE = 0.5
+# "A smaller factor fits far better": its progress beats the current one's by this much while the current one does
+# not fit. Healthy runs: the current factor always beats 1/10 of it (by >= 0.2); CNN at SGD lr=5: 0.87 vs 0.28.
+SMALLER_MUCH_BETTER = 0.3
+# No factor fits: the best factor removes less than this (model ignoring its input: 8%; healthy: >= 97%).
+NO_FIT_PROGRESS = 0.10
+# The loss ignores the input when, after fitting, the real-input loss is within this ratio of the zero-input loss,
+# either way (Karpathy's input-independent baseline). Bugs: ratio 1.00; healthy runs <= 0.3 (low LR at its best
+# factor); wrecked weights (SGD at lr=8) fit the zeroed batch far better than the real one (ratio 1e6): not a bug.
+INPUT_GAIN_RATIO = 0.9
+# Labels not aligned with inputs: the loss monitor saw the loss stall (one of STALL_REASONS), after at least this
+# many optimizer steps the current weights still do no better with the real inputs than with zeros (within
+# INPUT_USE_RATIO), the batch can be memorized, and fitting it helps the held-out half by less than 1%.
+# Shuffled digits labels at step 100-120: input-use ratio 0.93-0.99 (memorization slowly lowers it), held-out 1.00.
+# Healthy runs: converged models <= 0.4 input-use; a hard task (two spirals, tanh MLP) 0.965 at step 60 and 0.90 at
+# step 150 with held-out 0.97/0.96 - too close to call early, hence the stall requirement, the step minimum and the
+# 1% bar. A preflight probe never makes this call (a hard task and misaligned labels look alike that early).
+STALL_REASONS = ("loss_stalled", "loss_plateau")
+MIN_TRAINED_STEPS_FOR_ALIGNMENT = 50
+INPUT_USE_RATIO = 0.9
+HELDOUT_NO_GAIN = 0.99
+MIN_HELDOUT_SAMPLES = 8
+# Capacity: Zhang et al. 2017 ("Understanding deep learning requires rethinking generalization", Theorem 1): a
+# two-layer ReLU network with 2n + d weights can fit any n samples in d dimensions. A model with fewer trainable
+# parameters than this many per fitted sample may fail to fit the probe's batch, or gain little from its input,
+# for lack of capacity rather than a bug (a linear classifier on two spirals: best progress 9%, real/zeroed-input
+# loss 0.92). Then "nothing fits", "ignores the input" and "labels misaligned" are not called: the FitMonitor's
+# underfitting rule speaks for such a model.
+MEMORIZE_PARAMS_PER_SAMPLE = 2
+
+
+@dataclasses.dataclass
+class Verdict:
+    code: str  # "lr_too_high" | "lr_too_low" | "suspected_code_bug" | "lr_ok"
+    message: str = ""
+    advice: str = ""
+    suggested_lr: float = math.nan
+    evidence: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _pct(progress: float) -> str:
+    if not math.isfinite(progress):
+        return "diverges"
+    return f"falls {progress:.0%}" if progress >= 0 else f"rises {-progress:.0%}"
+
+
+def _where(f: float) -> str:
+    if math.isclose(f, 1.0):
+        return "the current learning rate"
+    return f"1/{1 / f:g} of the learning rate" if f < 1 else f"{f:g}x the learning rate"
+
+
+def heldout_blowup(r: FactorResult, chance_loss: float = math.nan) -> float:
+    # relative to the larger of the held-out and fitted start losses, and never to less than half the input-free
+    # loss: a converged model (loss 0.01) that memorizes half a batch may double its tiny held-out loss harmlessly.
+    scale = max(r.heldout_start_loss, r.start_loss, BLOWUP_FLOOR_SHARE * chance_loss if chance_loss > 0 else 0.0)
+    if r.diverged or not math.isfinite(r.heldout_loss) or not scale > 0:
+        return math.inf
+    return r.heldout_loss / scale
+
+
+def fails(r: FactorResult, chance_loss: float = math.nan) -> bool:
+    """The factor diverged, or blew the held-out half up."""
+    return r.diverged or heldout_blowup(r, chance_loss) > HELDOUT_BLOWUP_RATIO
+
+
+def fits(r: FactorResult, chance_loss: float = math.nan, threshold: float = FIT_PROGRESS) -> bool:
+    return not fails(r, chance_loss) and r.progress >= threshold
+
+
+def _best_heldout(candidates: Sequence[FactorResult]) -> FactorResult:
+    return min(candidates, key=lambda r: (r.heldout_loss, -r.progress))
+
+
+def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -> Optional[Verdict]:
+    best = result.best
+    chance = result.zero_input_start_loss
+    seen: List[str] = []
+    checks: List[str] = []
+    ev: Dict[str, Any] = {}
+    best_progress = max((r.progress for r in result.factors if not fails(r, chance)), default=-math.inf)
+    lo, hi = min(r.factor for r in result.factors), max(r.factor for r in result.factors)
+    capacity_limited = 0 < result.trainable_params < MEMORIZE_PARAMS_PER_SAMPLE * result.samples_fit
+    if capacity_limited:
+        ev["trainable_params"] = result.trainable_params
+    if best_progress < NO_FIT_PROGRESS and not capacity_limited:
+        seen.append(f"no learning rate from {lo:g}x to {hi:g}x the current one fits a {result.samples_fit}-sample batch "
+                    f"in {result.steps} steps (best: the loss {_pct(best_progress)})")
+        ev["best_progress"] = best_progress
+    if not capacity_limited and math.isfinite(result.zero_input_final_loss) and result.zero_input_final_loss > 0 and \
+            INPUT_GAIN_RATIO * result.zero_input_final_loss <= result.real_input_final_loss \
+            <= result.zero_input_final_loss / INPUT_GAIN_RATIO:
+        seen.append(f"the loss does not depend on the input: fitted with the real inputs it reaches "
+                    f"{result.real_input_final_loss:.4g}, with the inputs zeroed {result.zero_input_final_loss:.4g}")
+        ev["input_gain_ratio"] = result.real_input_final_loss / result.zero_input_final_loss
+        checks.append("the prediction uses the input: look for a forward() that ignores x, a broadcast in the loss "
+                      "(an (N, 1) output against (N,) targets makes MSE fit only the mean), or the loss computed on the "
+                      "wrong tensor")
+    if result.outputs_look_like_probabilities and best_progress < FIT_PROGRESS:
+        seen.append("the model's outputs look like probabilities (in [0, 1], rows sum to 1) and no learning rate fits "
+                    "the batch")
+        checks.insert(0, "remove the softmax at the end of the model: CrossEntropyLoss (F.cross_entropy) expects raw "
+                         "logits and applies log-softmax itself; with probabilities its loss cannot fall far")
+    if not seen and not capacity_limited and any(r in STALL_REASONS for r in reasons) and trained_steps >= MIN_TRAINED_STEPS_FOR_ALIGNMENT \
+            and best is not None and fits(best, chance) \
+            and result.samples_heldout >= MIN_HELDOUT_SAMPLES and result.start_heldout_loss > 0 \
+            and result.zero_input_start_loss > 0:
+        uses_input = result.start_loss / result.zero_input_start_loss
+        heldout_gain = min(r.heldout_loss / result.start_heldout_loss for r in result.factors if not fails(r, chance))
+        if uses_input >= INPUT_USE_RATIO and heldout_gain >= HELDOUT_NO_GAIN:
+            seen.append(f"after {trained_steps} steps the model does no better with the real inputs than with zeros "
+                        f"(loss {result.start_loss:.4g} vs {result.zero_input_start_loss:.4g}), and fitting the batch "
+                        f"(loss {_pct(best.progress)}) does not help its held-out half (best: {heldout_gain:.2f}x its "
+                        "start): what is learned from one sample does not carry over to the next")
+            ev.update(input_use_ratio=uses_input, heldout_best_ratio=heldout_gain)
+            checks.insert(0, "labels line up with inputs: the same index/shuffle for both, no sort or filter applied to "
+                             "only one of them, the right label column")
+    if not seen:
+        return None
+    if result.params_without_gradient:
+        checks.append(f"gradients reach every layer: these got none: {', '.join(result.params_without_gradient[:5])} "
+                      "(a .detach(), .item() or torch.no_grad in forward, or an unused module)")
+    generic = ["labels line up with inputs (the same index for both)",
+               "logits, not softmax probabilities, reach CrossEntropyLoss",
+               "gradients reach every layer (no .detach()/.item() in forward)",
+               "inputs are normalized (zero mean, unit scale)",
+               "the loss is computed on the model's output and the right targets, with matching shapes"]
+    for item in generic:
+        if not any(item.split(" ")[0] in c for c in checks):
+            checks.append(item)
+    message = "; ".join(seen).capitalize() + "."
+    advice = "Check, in this order: " + "; ".join(f"({i}) {c}" for i, c in enumerate(checks, 1)) + "."
+    return Verdict("suspected_code_bug", message, advice, math.nan, ev)
+
+
+def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = ()) -> Verdict:
+    """The verdict for one probe. ``trained_steps``: optimizer steps the run took before the probe."""
+    bug = _code_bug(result, trained_steps, reasons)
+    if bug is not None:
+        return bug
+    current = result.current
+    if current is None:
+        return Verdict("lr_ok")
+    smaller = [r for r in result.factors if r.factor < 1]
+    larger = [r for r in result.factors if r.factor > 1]
+    lr = result.base_lr
+    chance = result.zero_input_start_loss
+
+    smaller_fit = [r for r in smaller if fits(r, chance)]
+    much_better = [r for r in smaller_fit if r.progress >= current.progress + SMALLER_MUCH_BETTER]
+    current_fails = fails(current, chance) or current.progress < STALL_PROGRESS or (
+        current.progress < FIT_PROGRESS and bool(much_better))
+    if current_fails and smaller_fit:
+        pick = _best_heldout(smaller_fit)
+        suggested = lr * pick.factor
+        if current.diverged:
+            now = "at the current one it diverges"
+        elif heldout_blowup(current, chance) > HELDOUT_BLOWUP_RATIO:
+            now = (f"at the current one it {_pct(current.progress)} but the held-out half of the batch blows up "
+                   f"({heldout_blowup(current, chance):.3g}x)")
+        else:
+            now = f"at the current one it {_pct(current.progress)}"
+        message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)}; {now}; "
+                   f"use about {suggested:.2g}.")
+        advice = (f"Lower the learning rate from {lr:.3g} to about {suggested:.2g} (or add warm-up to it); "
+                  "gradient clipping (gradient_clip_val=1.0) guards against the occasional spike.")
+        return Verdict("lr_too_high", message, advice, suggested,
+                       {"suggested_lr": suggested, "current_progress": current.progress})
+
+    larger_fit = [r for r in larger if fits(r, chance, LOW_LARGER_PROGRESS)]
+    still_near_chance = not chance > 0 or result.start_loss >= LOW_LR_MIN_REMAINING * chance
+    if not fails(current, chance) and current.progress < STALL_PROGRESS and larger_fit and still_near_chance:
+        # the smallest larger factor that makes real progress: one batch overstates the usable rate (no noise)
+        pick = min(larger_fit, key=lambda r: r.factor)
+        suggested = lr * pick.factor
+        message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)} in {result.steps} steps; "
+                   f"at the current one it {_pct(current.progress)}; use about {suggested:.2g}.")
+        advice = (f"Raise the learning rate from {lr:.3g} to about {suggested:.2g} (a learning-rate range test, "
+                  "Smith 2017, narrows it down), or check that a scheduler has not shrunk it.")
+        return Verdict("lr_too_low", message, advice, suggested,
+                       {"suggested_lr": suggested, "current_progress": current.progress})
+    return Verdict("lr_ok", suggested_lr=lr)
+
+
+# Training wrecked the weights: from the current ones no factor fits the batch, from an earlier snapshot one does.
+# Dying units (ReLU behind a too-high rate) are the usual cause; the suggestion is the snapshot probe's own when it
+# has one, else a tenth of the current rate (the study note: change the rate by an order of magnitude).
+WRECKED_FALLBACK_FACTOR = 0.1
+
+
+def judge_wrecked(current: ProbeResult, earlier: ProbeResult, earlier_step: int, trained_steps: int = 0,
+                  reasons: Sequence[str] = ()) -> Optional[Verdict]:
+    """Verdict when nothing fits from the current weights (``current``) but the probe from an earlier snapshot
+    (``earlier``) tells more; ``None`` keeps the current verdict (the batch does not fit from there either)."""
+    second = judge(earlier, trained_steps=trained_steps, reasons=reasons)
+    if second.code in ("lr_too_high", "lr_too_low"):
+        second.message = (second.message.rstrip(".") + f" (probed from the weights of step {earlier_step}: from the "
+                          "current ones no learning rate fits the batch).")
+        return second
+    chance = earlier.zero_input_start_loss
+    if second.code != "lr_ok" or not any(fits(r, chance) for r in earlier.factors):
+        return None
+    lr = current.base_lr
+    smaller = [r for r in earlier.factors if r.factor < 1 and fits(r, chance)]
+    suggested = lr * (_best_heldout(smaller).factor if smaller else WRECKED_FALLBACK_FACTOR)
+    best_now = max((r.progress for r in current.factors), default=-math.inf)
+    silent = ", ".join(current.params_without_gradient[:4])
+    message = (f"Training has wrecked the weights: from the current ones no learning rate fits a fixed batch (best: the "
+               f"loss {_pct(best_now)}), from the weights of step {earlier_step} it does"
+               + (f"; layers without gradient now: {silent}" if silent else "")
+               + f". The usual cause is a learning rate so high that units died or saturated; use about {suggested:.2g}.")
+    advice = (f"Lower the learning rate from {lr:.3g} to about {suggested:.2g} and restart from a checkpoint before step "
+              f"{trained_steps or earlier_step} (or from scratch); add warm-up, and gradient clipping "
+              "(gradient_clip_val=1.0).")
+    return Verdict("lr_too_high", message, advice, suggested,
+                   {"suggested_lr": suggested, "wrecked_since_step": earlier_step, "best_progress_now": best_now})

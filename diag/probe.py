@@ -1,0 +1,541 @@
+"""The learning-rate probe, without Lightning: train throw-away copies of the current state on one frozen batch.
+
+The study note's rule: only a large change of the learning rate tells a learning-rate problem from a code
+problem. :func:`run_probe` automates it. For each learning-rate factor (default 1e-2 ... 1e2 of the current
+rate) it starts from the same weights and a fresh copy of the optimizer state, takes a few dozen steps on the
+first half of a small frozen batch (part ``A``), and records how far the loss falls. It also fits the same
+batch with the inputs zeroed (Karpathy's input-independent baseline) and measures every fit on the second half
+of the batch (part ``B``), which the probe never trains on.
+
+Everything the probe touches is restored bitwise when it returns (also when it fails): parameter values, buffers
+(BatchNorm running statistics and ``num_batches_tracked``), ``.grad`` of every parameter (the same tensor
+objects), ``requires_grad``, the train/eval mode of every submodule, the RNG states (torch CPU and CUDA, numpy,
+Python ``random``) and the state of torchmetrics metrics inside the module. The user's optimizer and LR
+schedulers are only read: each factor trains with a new optimizer of the same class built over the same
+parameters and loaded with a deep copy of the state. The probe trains the real module in place and restores
+it, instead of training a ``deepcopy``: a LightningModule holds its trainer (and with it the data loaders), and
+parameter identity keeps the optimizer's per-parameter state aligned. Cost in memory: one extra copy of the
+parameters and buffers, plus one optimizer state copy at a time.
+
+The rules that turn a :class:`ProbeResult` into a verdict live in :mod:`diag.detectors.lr_probe`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+# The factors of the current learning rate tried on the frozen batch: four orders of magnitude around it, as the
+# issue asks ("1e-2 ... 1e2 of the current LR").
+DEFAULT_FACTORS: Tuple[float, ...] = (1e-2, 1e-1, 1.0, 1e1, 1e2)
+# When the best factor sits at an edge of the sweep and still improves, one more decade is tried in that direction,
+# at most this many times (a learning rate 1000x too small or too large is still found; measured: Adam at 1e-7 on
+# the digits needs 1e4x to fit the batch in 30 steps).
+MAX_EXTRA_DECADES = 3
+# The edge is extended only while the best factor is still short of fitting the batch, and beats its neighbour.
+EDGE_DONE_PROGRESS = 0.5
+EDGE_MIN_GAIN = 1e-3
+# Steps per factor: "a few dozen". Measured on the digits MLP/CNN and a GRU: a healthy model at a usable learning
+# rate takes a 32-sample batch's loss down by more than half in 30 steps.
+DEFAULT_STEPS = 30
+# Samples in the frozen batch (split in half: A is trained on, B is held out).
+DEFAULT_BATCH_SAMPLES = 64
+# A loss this many times above its start counts as diverged: the factor's run stops early.
+DIVERGED_RATIO = 10.0
+# Every factor runs all its steps unless it diverges: stopping once the batch is fitted would hide what a too-high
+# rate does to the held-out half in the later steps (measured: Adam at lr=3 looked fine when stopped early).
+# Fixed seed inside the probe: every factor sees the same dropout masks; the caller's RNG state is restored after.
+PROBE_SEED = 20240501
+
+
+class ProbeUnavailable(Exception):
+    """The probe cannot run on this model or optimizer (the reason is in the message); not an internal error."""
+
+
+@dataclasses.dataclass
+class FactorResult:
+    factor: float
+    lr: float
+    start_loss: float
+    final_loss: float  # on A after the steps (nan/inf when it diverged)
+    heldout_loss: float  # on B after the steps
+    steps_run: int
+    diverged: bool
+    peak_loss: float = math.nan  # the highest loss on A seen during the steps
+    heldout_start_loss: float = math.nan  # on B at the starting weights
+
+    @property
+    def peak_ratio(self) -> float:
+        """Highest loss during the steps over the start (1.0: never rose; inf: diverged)."""
+        if self.diverged or not math.isfinite(self.peak_loss) or self.start_loss <= 0:
+            return math.inf
+        return max(self.peak_loss, self.final_loss) / self.start_loss
+
+    @property
+    def heldout_ratio(self) -> float:
+        """Held-out loss after the steps over before (below 1: what was learned on A carried over to B)."""
+        if self.diverged or not math.isfinite(self.heldout_loss):
+            return math.inf
+        if not self.heldout_start_loss > 0:
+            return 1.0 if self.heldout_loss <= self.heldout_start_loss else math.inf
+        return self.heldout_loss / self.heldout_start_loss
+
+    @property
+    def loss_fraction(self) -> float:
+        """Final loss as a fraction of the start (0.15: fell 85%; 1.4: rose 40%; inf: diverged)."""
+        if self.diverged or not math.isfinite(self.final_loss):
+            return math.inf
+        if self.start_loss <= 0:
+            return 1.0
+        return self.final_loss / self.start_loss
+
+    @property
+    def progress(self) -> float:
+        """1 - loss_fraction: how much of the start loss the steps removed (negative: it rose)."""
+        return 1.0 - self.loss_fraction
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    base_lr: float
+    steps: int
+    samples_fit: int
+    samples_heldout: int
+    start_loss: float  # on A at the probe's starting weights
+    start_heldout_loss: float  # on B at the starting weights
+    factors: List[FactorResult]
+    # input-independent baseline, fitted at the best factor
+    zero_input_factor: float = math.nan
+    zero_input_start_loss: float = math.nan
+    zero_input_final_loss: float = math.nan  # on zeroed A after the steps
+    zero_input_heldout_loss: float = math.nan  # on zeroed B after the steps
+    real_input_final_loss: float = math.nan  # on A after the steps at that factor (same as the factor's final_loss)
+    outputs_look_like_probabilities: bool = False
+    params_without_gradient: List[str] = dataclasses.field(default_factory=list)
+    from_snapshot: bool = False
+    seconds: float = 0.0
+    trainable_params: int = 0  # parameters the optimizer trains (capacity, for the code-bug rules)
+
+    def factor(self, f: float) -> Optional[FactorResult]:
+        return next((r for r in self.factors if math.isclose(r.factor, f, rel_tol=1e-6)), None)
+
+    @property
+    def current(self) -> Optional[FactorResult]:
+        return self.factor(1.0)
+
+    @property
+    def best(self) -> Optional[FactorResult]:
+        finite = [r for r in self.factors if not r.diverged and math.isfinite(r.final_loss)]
+        if not finite:
+            return None
+        # ties (within 1% progress): prefer the factor closest to the current learning rate
+        top = max(r.progress for r in finite)
+        near = [r for r in finite if r.progress >= top - 0.01]
+        return min(near, key=lambda r: abs(math.log10(r.factor)))
+
+    def evidence(self) -> Dict[str, Any]:
+        ev: Dict[str, Any] = {"current_lr": self.base_lr, "probe_steps": self.steps, "probe_samples": self.samples_fit,
+                              "start_loss": self.start_loss}
+        for r in sorted(self.factors, key=lambda r: r.factor):
+            ev[f"loss_fraction@x{r.factor:g}"] = r.loss_fraction if math.isfinite(r.loss_fraction) else "diverged"
+        if math.isfinite(self.zero_input_final_loss):
+            ev["zero_input_loss_after_fit"] = self.zero_input_final_loss
+            ev["real_input_loss_after_fit"] = self.real_input_final_loss
+            ev["heldout_loss_zero_input_fit"] = self.zero_input_heldout_loss
+        if math.isfinite(self.zero_input_start_loss):
+            ev["zero_input_loss_start"] = self.zero_input_start_loss
+        ev["heldout_loss_start"] = self.start_heldout_loss
+        ratios = [r.heldout_loss / self.start_heldout_loss for r in self.factors
+                  if not r.diverged and math.isfinite(r.heldout_loss) and self.start_heldout_loss > 0]
+        if ratios:
+            ev["heldout_best_ratio"] = min(ratios)
+        best = self.best
+        if best is not None:
+            ev["heldout_loss_best_fit"] = best.heldout_loss
+        if self.outputs_look_like_probabilities:
+            ev["outputs_look_like_probabilities"] = 1
+        if self.params_without_gradient:
+            ev["params_without_gradient"] = ", ".join(self.params_without_gradient[:8])
+        if self.from_snapshot:
+            ev["from_last_finite_snapshot"] = 1
+        ev["probe_seconds"] = round(self.seconds, 4)
+        return ev
+
+
+# ---- batches --------------------------------------------------------------------------------------------
+def _batch_len(batch: Any) -> Optional[int]:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            n = _batch_len(item)
+            if n is not None:
+                return n
+    if isinstance(batch, dict):
+        for item in batch.values():
+            n = _batch_len(item)
+            if n is not None:
+                return n
+    return None
+
+
+def map_batch(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested tuple/list/dict) batch, keeping the structure."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_batch(b, fn) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_batch(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, map_batch(v, fn)) for k, v in batch.items())
+    return batch
+
+
+def split_batch(batch: Any, samples: int = DEFAULT_BATCH_SAMPLES) -> Optional[Tuple[Any, Any]]:
+    """Copies of the first ``samples`` samples of ``batch``, halved into (A, B); ``None`` when it cannot be split.
+
+    Tensors whose first dimension is the batch size are sliced; others (scalars, metadata) are kept as they are.
+    The halves are clones: the probe never touches the batch Lightning handed over.
+    """
+    n = _batch_len(batch)
+    if n is None or n < 4:
+        return None
+    k = min(n, samples)
+    half = k // 2
+
+    def cut(lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: t[lo:hi].detach().clone() if t.dim() > 0 and t.shape[0] == n else t.detach().clone()
+
+    return map_batch(batch, cut(0, half)), map_batch(batch, cut(half, k))
+
+
+_TARGET_KEYS = ("y", "label", "labels", "target", "targets", "mask", "attention_mask", "weight", "weights")
+
+
+def zero_inputs(batch: Any) -> Any:
+    """The batch with its inputs replaced by zeros (``torch.zeros_like``), targets untouched.
+
+    A tuple/list ``(x, y, ...)``: everything but the last element is input (a 1-tuple: the one element).
+    A dict: every tensor except keys that name targets or masks (``y``, ``label(s)``, ``target(s)``, ``mask``...).
+    A bare tensor: zeroed. Pass your own function to the probe for other layouts.
+    """
+    zero = lambda t: torch.zeros_like(t)  # noqa: E731
+    if isinstance(batch, torch.Tensor):
+        return zero(batch)
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        if len(batch) == 1:
+            return type(batch)([map_batch(batch[0], zero)])
+        return type(batch)([map_batch(b, zero) for b in batch[:-1]] + [batch[-1]])
+    if isinstance(batch, dict):
+        return type(batch)((k, v if str(k).lower() in _TARGET_KEYS else map_batch(v, zero)) for k, v in batch.items())
+    return map_batch(batch, zero)
+
+
+# ---- saving and restoring ----------------------------------------------------------------------------------
+def _metric_modules(module: nn.Module) -> List[nn.Module]:
+    """torchmetrics ``Metric`` submodules: their accumulated states are attributes outside the state dict."""
+    return [m for m in module.modules() if hasattr(m, "_defaults") and hasattr(m, "_update_count")]
+
+
+class RestorePoint:
+    """Everything of ``module`` (and the process RNGs) the probe may change, saved to be put back bitwise."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()]
+        self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        self.modes = [(m, m.training) for m in module.modules()]
+        self.metrics = [(m, {name: copy.deepcopy(getattr(m, name)) for name in m._defaults},
+                         m._update_count, getattr(m, "_computed", None)) for m in _metric_modules(module)]
+        self.rng_cpu = torch.get_rng_state()
+        self.rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.rng_numpy = np.random.get_state()
+        self.rng_python = random.getstate()
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def restore_weights(self) -> None:
+        """Parameter values and buffers only (between factors); grads are cleared."""
+        with torch.no_grad():
+            for p, saved, _, _ in self.params:
+                p.copy_(saved)
+                p.grad = None
+            for b, saved in self.buffers:
+                b.copy_(saved)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved, grad, requires_grad in self.params:
+                p.copy_(saved)
+                p.grad = grad
+                p.requires_grad_(requires_grad)
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for m, training in self.modes:
+            m.training = training
+        for m, states, count, computed in self.metrics:
+            for name, value in states.items():
+                setattr(m, name, value)
+            m._update_count = count
+            if hasattr(m, "_computed"):
+                m._computed = computed
+        torch.set_rng_state(self.rng_cpu)
+        if self.rng_cuda is not None:
+            torch.cuda.set_rng_state_all(self.rng_cuda)
+        np.random.set_state(self.rng_numpy)
+        random.setstate(self.rng_python)
+        torch.set_grad_enabled(self.grad_enabled)
+
+
+@dataclasses.dataclass
+class WeightSnapshot:
+    """A CPU copy of parameter values, buffers and optimizer state: where the probe starts when weights went NaN.
+
+    Memory: one copy of the parameters and buffers plus the optimizer state (about 3x the parameters for Adam),
+    on the CPU; taking one costs a device-to-host copy of that size.
+    """
+
+    params: List[torch.Tensor]
+    buffers: List[torch.Tensor]
+    optimizer_state: Dict[str, Any]
+    step: int
+
+    @classmethod
+    def take(cls, module: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> "WeightSnapshot":
+        with torch.no_grad():
+            params = [p.detach().to("cpu", copy=True) for p in module.parameters()]
+            buffers = [b.detach().to("cpu", copy=True) for b in module.buffers()]
+        state = _to_cpu(copy.deepcopy(optimizer.state_dict()))
+        return cls(params, buffers, state, step)
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.params if t.is_floating_point())
+
+    def load_into(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            for p, saved in zip(module.parameters(), self.params):
+                p.copy_(saved)
+            for b, saved in zip(module.buffers(), self.buffers):
+                b.copy_(saved)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def weights_finite(module: nn.Module) -> bool:
+    """One device sync: are all floating parameters finite?"""
+    flats = [p.detach().reshape(-1) for p in module.parameters() if p.is_floating_point()]
+    if not flats:
+        return True
+    return bool(torch.stack([torch.isfinite(f).all() for f in flats]).all())
+
+
+def optimizer_state_finite(state: Dict[str, Any]) -> bool:
+    for per_param in state.get("state", {}).values():
+        for v in per_param.values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return False
+    return True
+
+
+def clone_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], factor: float) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class over the same parameters, loaded with a deep copy of ``state``,
+    every group's learning rate multiplied by ``factor``. The user's optimizer is not touched."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+              for g in optimizer.param_groups]
+    try:
+        new = type(optimizer)(groups)
+        new.load_state_dict(copy.deepcopy(state))
+    except Exception as exc:  # an optimizer class that cannot be rebuilt from its param groups
+        raise ProbeUnavailable(f"cannot rebuild {type(optimizer).__name__} from its param groups ({exc})") from exc
+    for group in new.param_groups:
+        lr = group["lr"]
+        group["lr"] = (lr * factor) if not isinstance(lr, torch.Tensor) else lr.detach().clone() * factor
+    return new
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    lr = optimizer.param_groups[0]["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+# ---- the probe ----------------------------------------------------------------------------------------------
+def _probabilities(output: Any) -> bool:
+    """Do the model's outputs look like probabilities (each row in [0, 1] and summing to 1 over the last axis)?"""
+    if isinstance(output, (list, tuple)) and output:
+        output = output[0]
+    if isinstance(output, dict):
+        output = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() < 2 or output.shape[-1] < 2:
+        return False
+    out = output.detach().float()
+    in_unit = bool(((out >= 0) & (out <= 1)).all())
+    sums = out.sum(-1)
+    return in_unit and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+
+
+def _record_output(module: nn.Module, fn: Callable[[], Any]) -> Tuple[Any, Any]:
+    """Run ``fn`` once and return (its value, the model's output): the top module's forward output if it was
+    called, else the output of the last leaf module that ran."""
+    seen: Dict[str, Any] = {}
+
+    def top_hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        seen["top"] = out
+
+    def leaf_hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        seen["leaf"] = out
+
+    handles = [module.register_forward_hook(top_hook)]
+    handles += [m.register_forward_hook(leaf_hook) for m in module.modules() if not list(m.children()) and m is not module]
+    try:
+        value = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return value, seen.get("top", seen.get("leaf"))
+
+
+def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any], torch.Tensor],
+              batch: Any, factors: Sequence[float] = DEFAULT_FACTORS, steps: int = DEFAULT_STEPS,
+              batch_samples: int = DEFAULT_BATCH_SAMPLES, zero_fn: Callable[[Any], Any] = zero_inputs,
+              snapshot: Optional[WeightSnapshot] = None, extra_decades: int = MAX_EXTRA_DECADES) -> Optional[ProbeResult]:
+    """Sweep the learning rate on a frozen batch, starting from the current state (or ``snapshot``).
+
+    Args:
+        module: the model (trained in place, then restored bitwise).
+        optimizer: the user's optimizer; only read (class, param groups, state).
+        loss_fn: ``batch -> scalar loss`` with the model in its current mode; must not step any optimizer.
+        batch: a training batch; the first ``batch_samples`` samples are copied and halved into A (fit) and B
+            (held out).
+        factors: learning-rate factors; must include 1.0 (the current rate).
+        steps: optimizer steps per factor.
+        zero_fn: ``batch -> batch`` with the inputs zeroed, for the input-independent baseline.
+        snapshot: start from these weights and optimizer state instead of the current ones (non-finite weights).
+
+    Returns ``None`` when the batch cannot be split or the starting loss is not a positive finite number.
+    """
+    started = time.perf_counter()
+    parts = split_batch(batch, batch_samples)
+    if parts is None:
+        return None
+    fit_part, held_part = parts
+    fit_zero, held_zero = zero_fn(fit_part), zero_fn(held_part)
+    point = RestorePoint(module)
+    try:
+        torch.set_grad_enabled(True)
+        if snapshot is not None:
+            snapshot.load_into(module)
+            opt_state = snapshot.optimizer_state
+        else:
+            opt_state = copy.deepcopy(optimizer.state_dict())
+        start = RestorePoint(module)  # the probe's starting weights (== the snapshot's when given)
+        base_lr = current_lr(optimizer)
+
+        def evaluate(b: Any) -> float:
+            with torch.no_grad():
+                loss = loss_fn(b)
+            return float(loss.detach())
+
+        torch.manual_seed(PROBE_SEED)
+        start_loss_t, output = _record_output(module, lambda: loss_fn(fit_part))
+        start_loss = float(start_loss_t.detach())
+        start.restore_weights()
+        if not math.isfinite(start_loss) or start_loss <= 0:
+            return None
+        torch.manual_seed(PROBE_SEED)
+        start_held = evaluate(held_part)
+        start.restore_weights()
+
+        held_zero_start = math.nan  # set before the zero-input fit
+        missing: List[str] = []
+
+        def train(factor: float, part: Any, held: Any, note_missing: bool = False) -> FactorResult:
+            start.restore_weights()
+            opt = clone_optimizer(optimizer, opt_state, factor)
+            torch.manual_seed(PROBE_SEED)
+            ran, diverged, first, peak = 0, False, math.nan, -math.inf
+            for i in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(part)
+                value = float(loss.detach())
+                peak = max(peak, value) if math.isfinite(value) else math.inf
+                if i == 0:
+                    first = value
+                if not math.isfinite(value) or (math.isfinite(first) and first > 0 and value > DIVERGED_RATIO * first):
+                    diverged = True
+                    break
+                loss.backward()
+                if note_missing and i == 0:
+                    names = {id(p): n for n, p in module.named_parameters()}
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            if p.requires_grad and (p.grad is None or not bool(p.grad.detach().abs().sum() > 0)):
+                                missing.append(names.get(id(p), "?"))
+                opt.step()
+                ran += 1
+            final = math.inf if diverged else evaluate(part)
+            if math.isfinite(final) and final > DIVERGED_RATIO * start_loss:
+                diverged = True
+            held_loss = math.inf if diverged else evaluate(held)
+            del opt
+            return FactorResult(factor, base_lr * factor, first, final, held_loss, ran, diverged, peak,
+                                start_held if part is fit_part else held_zero_start)
+
+        results: List[FactorResult] = []
+        for i, f in enumerate(sorted(factors)):
+            results.append(train(f, fit_part, held_part, note_missing=(i == 0)))
+        # extend the sweep by a decade while the best factor sits at an edge and improves on its neighbour
+        for _ in range(extra_decades):
+            ordered = sorted(results, key=lambda r: r.factor)
+            best = max(ordered, key=lambda r: r.progress)
+            if best.progress >= EDGE_DONE_PROGRESS:
+                break
+            if best is ordered[-1] and best.progress > ordered[-2].progress + EDGE_MIN_GAIN:
+                results.append(train(best.factor * 10, fit_part, held_part))
+            elif best is ordered[0] and best.progress > ordered[1].progress + EDGE_MIN_GAIN:
+                results.append(train(best.factor / 10, fit_part, held_part))
+            elif all(r.diverged for r in ordered) or (ordered[0].diverged is False and best.progress < 0
+                                                        and ordered[0].progress >= best.progress - EDGE_MIN_GAIN):
+                results.append(train(ordered[0].factor / 10, fit_part, held_part))
+            else:
+                break
+        result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=_batch_len(fit_part) or 0,
+                             samples_heldout=_batch_len(held_part) or 0, start_loss=start_loss,
+                             start_heldout_loss=start_held, factors=sorted(results, key=lambda r: r.factor),
+                             outputs_look_like_probabilities=_probabilities(output),
+                             params_without_gradient=missing, from_snapshot=snapshot is not None,
+                             trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]
+                                                  if p.requires_grad))
+        best = result.best
+        if best is not None:
+            torch.manual_seed(PROBE_SEED)
+            start.restore_weights()
+            zero_start = evaluate(fit_zero)
+            start.restore_weights()
+            torch.manual_seed(PROBE_SEED)
+            held_zero_start = evaluate(held_zero)
+            zero = train(best.factor, fit_zero, held_zero)
+            result.zero_input_factor = best.factor
+            result.zero_input_start_loss = zero_start
+            result.zero_input_final_loss = zero.final_loss
+            result.zero_input_heldout_loss = zero.heldout_loss
+            result.real_input_final_loss = best.final_loss
+        result.seconds = time.perf_counter() - started
+        return result
+    finally:
+        point.restore()

@@ -1,0 +1,411 @@
+"""LearningRateProbe: the fault suite (LR too high / too low / code bugs / healthy), restoration, outputs, arguments.
+
+Every scenario is a real ``Trainer.fit`` on CPU; the probe is forced at a chosen step (``preflight_step``, or a
+request from a test-only monitor, as the loss monitor would send), so these tests do not depend on the loss
+monitor's own triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning.pytorch as L
+import pytorch_lightning as pl
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diag import signals
+from diag.callbacks import Diagnostics, LearningRateProbe, Monitor
+from diag.probe import run_probe, zero_inputs
+from tests.helpers import (Classifier, classifier_for, codes, digits_loaders, digits_tensors, fit, loaders_from, mlp,
+                           spirals, state_equal)
+
+VERDICTS = {"lr_too_high", "lr_too_low", "suspected_code_bug"}
+
+
+# ---- models and data for the scenarios ------------------------------------------------------------------
+class IgnoresInput(nn.Module):
+    """Bug: the prediction never sees x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp([64, 32, 10])
+
+    def forward(self, x):
+        return self.net(torch.zeros_like(x))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                               nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.f(x.view(-1, 1, 8, 8))
+
+
+class TokenGRU(nn.Module):
+    """Embedding + GRU + LayerNorm on synthetic token sequences."""
+
+    def __init__(self, vocab: int = 6, width: int = 16) -> None:
+        super().__init__()
+        self.emb, self.gru = nn.Embedding(vocab, width), nn.GRU(width, width, batch_first=True)
+        self.norm, self.out = nn.LayerNorm(width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(self.emb(x))
+        return self.out(self.norm(h[:, -1]))
+
+
+def token_data(n: int = 1024, length: int = 8, vocab: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    return x, ((x == 1).sum(1) > (x == 2).sum(1)).long()  # more 1s than 2s?
+
+
+def regression_data(n: int = 1024, d: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    y = x @ w + 0.1 * torch.randn(n, generator=g)
+    return x, (y - y.mean()) / y.std()
+
+
+def mse_broadcast(out, y):
+    """Bug: an (N, 1) output against (N,) targets broadcasts to (N, N): MSE can only fit the mean."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return F.mse_loss(out, y)
+
+
+def digits():
+    return digits_loaders(n_train=1024)[0]
+
+
+def shuffled_digits():
+    x, y = digits_tensors()
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    return loaders_from(x, y, val_fraction=0)[0]
+
+
+# scenario -> (model factory, loader factory, probe step, epochs, expected verdict or None for healthy[, the reason a
+# monitor gives when it asks for the probe; default: a preflight probe at that step])
+SCENARIOS = {
+    # learning rate too high
+    "sgd_lr8_diverging": (lambda: Classifier(mlp([64, 64, 10]), lr=8.0, optimizer="sgd"), digits, 10, 2, "lr_too_high"),
+    "adam_lr3_oscillating": (lambda: Classifier(mlp([64, 64, 10]), lr=3.0, optimizer="adam"), digits, 10, 2, "lr_too_high"),
+    "adam_lr1_oscillating": (lambda: Classifier(mlp([64, 64, 10]), lr=1.0, optimizer="adam"), digits, 20, 2, "lr_too_high"),
+    "cnn_batchnorm_sgd_lr5": (lambda: Classifier(SmallCNN(), lr=5.0, optimizer="sgd"), digits, 20, 2, "lr_too_high"),
+    "sgd_lr20_nan": (lambda: Classifier(mlp([64, 64, 10]), lr=20.0, optimizer="sgd"), digits, 25, 2, "lr_too_high"),
+    # learning rate too low
+    "sgd_lr1e-5": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-5, optimizer="sgd"), digits, 30, 2, "lr_too_low"),
+    "adam_lr1e-7": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-7, optimizer="adam"), digits, 30, 2, "lr_too_low"),
+    # code bugs
+    "labels_shuffled": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-3), shuffled_digits, 100, 4, "suspected_code_bug",
+                        "loss_stalled"),
+    "prediction_ignores_input": (lambda: Classifier(IgnoresInput(), lr=1e-3), digits, 30, 2, "suspected_code_bug"),
+    "softmax_into_cross_entropy": (lambda: Classifier(nn.Sequential(mlp([64, 64, 10]), nn.Softmax(1)), lr=1e-3), digits,
+                                   30, 2, "suspected_code_bug"),
+    "mse_broadcast_n1_vs_n": (lambda: Classifier(mlp([8, 32, 1]), lr=1e-3, loss_fn=mse_broadcast),
+                              lambda: loaders_from(*regression_data(), val_fraction=0)[0], 30, 2, "suspected_code_bug"),
+    # healthy
+    "relu_mlp_adam": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-3), digits, 30, 2, None),
+    "cnn_batchnorm": (lambda: Classifier(SmallCNN(), lr=1e-3), digits, 30, 2, None),
+    "gru_layernorm_tokens": (lambda: Classifier(TokenGRU(), lr=3e-3),
+                             lambda: loaders_from(*token_data(), val_fraction=0)[0], 30, 2, None),
+    "sgd_momentum": (lambda: Classifier(mlp([64, 64, 10]), lr=0.05, optimizer="sgd", momentum=0.9), digits, 30, 2, None),
+    "short_run_still_improving": (lambda: Classifier(mlp([64, 64, 10]), lr=0.05, optimizer="sgd"), digits, 3, 1, None),
+    # a hard task the loss monitor calls stalled: no misaligned-labels verdict (the held-out half still improves)
+    "spirals_tanh_stalled": (lambda: Classifier(mlp([2, 64, 64, 2], nn.Tanh), lr=1e-2),
+                             lambda: loaders_from(*spirals(), val_fraction=0)[0], 65, 6, None, "loss_stalled"),
+    # a model far too small for its data (6 parameters, two spirals): it cannot fit the probe's batch either, which is
+    # underfitting (the FitMonitor's call), not a code bug
+    "linear_on_spirals_underfits": (lambda: Classifier(nn.Linear(2, 2), lr=1e-2),
+                                    lambda: loaders_from(*spirals(), val_fraction=0)[0], 65, 6, None, "loss_stalled"),
+    "regression_mlp": (lambda: Classifier(mlp([8, 32, 1]), lr=1e-3, loss_fn=lambda o, y: F.mse_loss(o.squeeze(1), y)),
+                       lambda: loaders_from(*regression_data(), val_fraction=0)[0], 30, 2, None),
+}
+
+
+_RUNS: dict = {}
+
+
+def scenario_result(tmp_path, name):
+    """Each scenario is fitted once per test session; several tests read the same run."""
+    if name not in _RUNS:
+        _RUNS[name] = run_scenario(tmp_path, name)
+    return _RUNS[name]
+
+
+def run_scenario(tmp_path, name, **probe_kwargs):
+    make_model, make_loader, step, epochs, _, *reason = SCENARIOS[name]
+    pl.seed_everything(0)
+    model, loader = make_model(), make_loader()
+    if reason:
+        probe = LearningRateProbe(**probe_kwargs)
+        asker = Asker(step, reason[0])
+        asker._attach(probe.context)
+        callbacks = [asker, probe]
+    else:
+        probe = LearningRateProbe(preflight_step=step, **probe_kwargs)
+        callbacks = [probe]
+    started = time.perf_counter()
+    fit(tmp_path, model, loader, None, callbacks, max_epochs=epochs, logger=False)
+    return probe, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fault_suite(tmp_path, name):
+    expected = SCENARIOS[name][4]
+    probe, elapsed = scenario_result(tmp_path, name)
+    assert len(probe.results) == 1, "the forced probe did not run"
+    verdict = probe.context.get(signals.PROBE_VERDICT)
+    found = codes(probe.findings) & VERDICTS
+    detail = "; ".join(f"{f.code}: {f.message}" for f in probe.findings) + f" | {probe.results[0].evidence()}"
+    if expected is None:
+        assert verdict == "lr_ok", detail
+        assert not codes(probe.findings), detail  # healthy: no warning or error at all
+    else:
+        assert verdict == expected and found == {expected}, detail
+        finding = next(f for f in probe.findings if f.code == expected)
+        assert "loss_fraction@x1" in finding.evidence and "loss_fraction@x0.01" in finding.evidence
+        if expected in ("lr_too_high", "lr_too_low"):
+            suggested = probe.context.get(signals.PROBE_SUGGESTED_LR)
+            current = probe.results[0].base_lr
+            assert finding.evidence["suggested_lr"] == pytest.approx(suggested)
+            assert (suggested < current) if expected == "lr_too_high" else (suggested > current)
+            assert f"{suggested:.2g}" in finding.message and f"{suggested:.2g}" in finding.advice
+    # a single probe costs well under a few seconds on these models
+    assert probe.probe_seconds < 8.0
+
+
+def test_too_high_message_and_nan_snapshot(tmp_path):
+    probe, _ = scenario_result(tmp_path, "sgd_lr20_nan")
+    result = probe.results[0]
+    assert result.from_snapshot  # the weights were NaN at step 25: the probe started from the last finite snapshot
+    finding = next(f for f in probe.findings if f.code == "lr_too_high")
+    assert "use about" in finding.message and finding.evidence["from_last_finite_snapshot"] == 1
+    assert finding.evidence["loss_fraction@x1"] == "diverged"
+
+
+def test_code_bug_advice_matches_what_was_seen(tmp_path):
+    probe, _ = scenario_result(tmp_path, "softmax_into_cross_entropy")
+    bug = next(f for f in probe.findings if f.code == "suspected_code_bug")
+    assert "softmax" in bug.advice.split("(2)")[0] and bug.severity.value == "error"
+    probe, _ = scenario_result(tmp_path, "prediction_ignores_input")
+    bug = next(f for f in probe.findings if f.code == "suspected_code_bug")
+    assert "does not depend on the input" in bug.message
+    assert "net.net.0.weight" in bug.advice  # the first layer never gets a gradient (its input is all zeros)
+
+
+# ---- restoration: a probe mid-training leaves no trace ------------------------------------------------------
+class Asker(Monitor):
+    """Test-only: asks for a probe at one step, as the loss monitor does when it sees a symptom."""
+
+    def __init__(self, at: int, reason: str = "loss_diverging") -> None:
+        super().__init__()
+        self.at, self.reason = at, reason
+
+    def _state_key_args(self):
+        return {"at": self.at, "reason": self.reason}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            self._context.request_probe(self.reason)
+
+
+class Busy(pl.LightningModule):
+    """Dropout, BatchNorm, a scheduler, a torchmetrics-like accumulated state and logging: everything to restore."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Dropout(0.3), nn.Linear(48, 10))
+        self.frozen = nn.Linear(3, 3).requires_grad_(False)
+        self.seen_batches = 0
+        self.random_draws = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        self.log_dict({"train_extra": loss.detach() * 2})
+        return {"loss": loss}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.random_draws.append(float(torch.rand(())))  # the RNG stream must continue as if no probe ran
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 7, 0.5)}
+
+
+def _busy_fit(tmp_path, callbacks, namespace=pl):
+    import numpy as np
+    import random
+    pl.seed_everything(0)
+    model = Busy()
+    train = digits()
+    t = fit(tmp_path, model, train, None, callbacks, max_epochs=2, namespace=namespace)
+    return model, t, (np.random.rand(), random.random(), float(torch.rand(())))
+
+
+def test_probe_restores_everything_bitwise(tmp_path):
+    base_model, base_trainer, base_rng = _busy_fit(tmp_path / "a", [])
+    probe = LearningRateProbe()
+    asker = Asker(at=9)
+    asker._attach(probe.context)
+    model, t, rng = _busy_fit(tmp_path / "b", [asker, probe])
+    assert len(probe.results) == 1 and probe.context.probe_requests == []
+    assert state_equal(base_model, model)  # weights, BatchNorm running stats and num_batches_tracked
+    assert base_model.random_draws == model.random_draws and base_rng == rng  # torch / numpy / python RNG streams
+    opt_a, opt_b = base_trainer.optimizers[0], t.optimizers[0]
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert all(torch.equal(sa["state"][k][n], sb["state"][k][n]) for k in sa["state"] for n in sa["state"][k])
+    assert sa["param_groups"] == sb["param_groups"]
+    assert base_trainer.lr_scheduler_configs[0].scheduler.state_dict() == t.lr_scheduler_configs[0].scheduler.state_dict()
+    assert not model.frozen.weight.requires_grad and model.training
+    assert "log" not in model.__dict__ and "log_dict" not in model.__dict__
+    assert set(base_trainer.callback_metrics) == set(t.callback_metrics)
+    assert all(torch.equal(base_trainer.callback_metrics[k], t.callback_metrics[k]) for k in t.callback_metrics)
+
+
+def test_restore_point_puts_back_grads_modes_and_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model(torch.randn(8, 4)).sum().backward()
+    model[2].eval()
+    grads = [p.grad for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.step()
+    opt_before = json.dumps({k: str(v) for k, v in opt.state_dict().items()})
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    rng = torch.get_rng_state()
+    result = run_probe(model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]), batch, steps=5)
+    assert result is not None and len(result.factors) >= 5
+    assert all(a is b for a, b in zip(grads, [p.grad for p in model.parameters()]))  # the same grad tensors
+    assert not model[2].training and model[1].training
+    assert json.dumps({k: str(v) for k, v in opt.state_dict().items()}) == opt_before
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "running" in k or "num_batches" in k)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_zero_inputs_keeps_targets():
+    x, y = torch.randn(4, 3), torch.arange(4)
+    zx, zy = zero_inputs((x, y))
+    assert torch.equal(zx, torch.zeros_like(x)) and zy is y
+    out = zero_inputs({"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": y[:2]})
+    assert out["input_ids"].abs().sum() == 0 and out["labels"] is not None and out["labels"].sum() == 1
+
+
+# ---- triggers, budget, outputs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("namespace", [pl, L], ids=["pytorch_lightning", "lightning.pytorch"])
+def test_requests_trigger_once_per_reason_and_tensorboard(tmp_path, namespace):
+    probe = LearningRateProbe(max_probes=3, budget_fraction=1.0)
+    askers = [Asker(at=5, reason="loss_diverging"), Asker(at=8, reason="loss_diverging"),
+              Asker(at=12, reason="loss_oscillating")]
+    for a in askers:
+        a._attach(probe.context)
+    pl.seed_everything(0)
+    model = classifier_for(namespace)(mlp([64, 64, 10]), lr=3.0, optimizer="adam")
+    logger = namespace.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    fit(tmp_path, model, digits(), None, [*askers, probe], max_epochs=1, namespace=namespace, logger=logger,
+        log_every_n_steps=50)
+    assert len(probe.results) == 2  # "loss_diverging" twice is probed once; "loss_oscillating" once more
+    assert "lr_too_high" in codes(probe.findings)
+    assert probe.findings[0].evidence["trigger"] == "loss_diverging"
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "diag/probe/loss_fraction@x0.01" in tags and "diag/probe/loss_fraction@x1" in tags
+    assert [e.step for e in acc.Scalars("diag/probe/loss_fraction@x0.01")] == [5, 12]
+    assert acc.Scalars("diag/probe/loss_fraction@x0.01")[0].value < 0.5
+    assert not any(t.startswith("train_") and "probe" in t for t in tags)
+
+
+def test_in_diagnostics_with_logger_false_writes_jsonl(tmp_path):
+    probe = LearningRateProbe(preflight_step=10)
+    diag = Diagnostics(loss_curve=False, gradients=False, activations=False, fit=False, setup_check=False, data=False,
+                       lr_probe=probe, console=False)
+    pl.seed_everything(0)
+    fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=8.0, optimizer="sgd"), digits(), None, [diag], max_epochs=1,
+        logger=False)
+    assert "lr_too_high" in codes(diag.findings)
+    path = os.path.join(str(tmp_path), "diag", "findings.jsonl")
+    lines = [json.loads(line) for line in open(path)]
+    assert any(line["code"] == "lr_too_high" and "suggested_lr" in line["evidence"] for line in lines)
+
+
+def test_budget_limits_later_probes(tmp_path):
+    probe = LearningRateProbe(max_probes=5, budget_fraction=0.01)
+    askers = [Asker(at=s, reason=f"r{s}") for s in (3, 6, 9)]
+    for a in askers:
+        a._attach(probe.context)
+    pl.seed_everything(0)
+    fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=1e-3), digits(), None, [*askers, probe], max_epochs=1, logger=False)
+    assert len(probe.results) == 1  # the first probe always runs; the others would exceed 1% of the fit time
+    probe2 = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+    askers = [Asker(at=s, reason=f"r{s}") for s in (3, 6)]
+    for a in askers:
+        a._attach(probe2.context)
+    fit(tmp_path / "b", Classifier(mlp([64, 64, 10]), lr=1e-3), digits(), None, [*askers, probe2], max_epochs=1,
+        logger=False)
+    assert len(probe2.results) == 1
+
+
+def test_manual_optimization_is_skipped(tmp_path):
+    class Manual(Classifier):
+        def __init__(self):
+            super().__init__(mlp([64, 16, 10]))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return loss
+
+    probe = LearningRateProbe(preflight_step=2)
+    fit(tmp_path, Manual(), digits(), None, [probe], max_epochs=1, logger=False)
+    assert probe.results == [] and not probe.findings
+
+
+def test_optimizer_that_cannot_be_rebuilt_is_skipped_quietly(tmp_path):
+    class Picky(torch.optim.SGD):
+        def __init__(self, params, secret):  # a constructor argument the probe cannot know
+            super().__init__(params, lr=0.05)
+
+    probe = LearningRateProbe(preflight_step=2)
+    fit(tmp_path, Classifier(mlp([64, 16, 10]), optimizer=lambda p: Picky(p, secret=1)), digits(), None, [probe],
+        max_epochs=1, logger=False)
+    assert probe.results == [] and not probe.findings  # no diag_internal_error either
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"factors": (0.1, 1.0, 10.0)}, "four orders of magnitude"),
+    ({"factors": (0.01, 0.1, 10.0, 100.0)}, "must include 1.0"),
+    ({"factors": (0.0, 1.0, 1e4)}, "positive numbers"),
+    ({"factors": "abc"}, "positive numbers"),
+    ({"budget_fraction": 1.5}, "budget_fraction"),
+    ({"max_probes": -1}, "max_probes"),
+    ({"steps": 1}, "steps"),
+    ({"preflight_step": -3}, "preflight_step"),
+    ({"batch_samples": 2}, "batch_samples"),
+    ({"snapshot_interval": 1.5}, "snapshot_interval"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LearningRateProbe(**kwargs)
+    with pytest.raises(TypeError, match="input_zeroer"):
+        LearningRateProbe(input_zeroer=3)
