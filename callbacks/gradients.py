@@ -1,10 +1,609 @@
-"""GradientMonitor (work in progress: being written now)."""
+"""``GradientMonitor``: gradient norms, update-to-weight ratio, update cosine, gradient noise scale, and the rules
+exploding / vanishing / missing gradients, zig-zag updates and high gradient noise.
+
+The Lightning glue only: which hook, which step. Statistics live in :mod:`diag.stats.gradients` and
+:mod:`diag.stats.noise_scale`, rules in :mod:`diag.detectors.gradients`.
+"""
 
 from __future__ import annotations
 
-from .base import Monitor
+import collections
+import math
+import random
+import statistics
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from diag import signals
+from diag.detectors import gradients as rules
+from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, dots, squared_norms
+from diag.stats.noise_scale import GradientNoiseScale
+
+from .base import Monitor, check_positive_int
+
+EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
+RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss monitor publishes it
+
+
+def _batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in a (nested) batch, 0 if there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 0
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            n = _batch_size(item)
+            if n:
+                return n
+    if isinstance(batch, dict):
+        for item in batch.values():
+            n = _batch_size(item)
+            if n:
+                return n
+    return 0
+
+
+def _slice_batch(batch: Any, size: int, keep: int) -> Any:
+    """The first ``keep`` samples of every tensor whose leading dimension is ``size`` (views, no copy)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_slice_batch(b, size, keep) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_batch(b, size, keep) for b in batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, _slice_batch(v, size, keep)) for k, v in batch.items())
+    return batch
+
+
+def _step_loss(output: Any) -> Optional[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return None
+
+
+class _OptimizerState:
+    """What the monitor tracks for one optimizer: its parameters grouped into layers and the running statistics."""
+
+    def __init__(self, names: List[str], params: List[torch.nn.Parameter]) -> None:
+        self.grouping = LayerGrouping(zip(names, params))
+        self.tracker = UpdateTracker(self.grouping)
+        self.param_count = len(params)
+        self.expected = [0] * len(params)  # sampled steps on which the parameter was trainable
+        self.got = [0] * len(params)  # ... and had a non-zero gradient
+        self.had_grad = [0] * len(params)  # ... and had a gradient at all (not None)
+        self.early_log10_norms: List[float] = []
+        self.recent_log10_norms: Deque[float] = collections.deque(maxlen=rules.EXPLODE_PERSISTENCE)
+        self.depth = EMA(0.9)  # log10(first-layer norm / last-layer norm)
+        self.depth_layers: Tuple[str, str] = ("", "")
+        self.cosine = EMA(0.8)
+        self.layer_cosine = LayerEMA(0.8)
+        self.log_ratio = EMA(0.9)  # log10 of the median update-to-weight ratio
+        self.grad_to_weight = EMA(0.9)
+        self.samples = 0
+        self.clip_checks = 0
+        self.clipped = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"names": list(self.grouping.names), "expected": list(self.expected), "got": list(self.got),
+                "had_grad": list(self.had_grad), "early": list(self.early_log10_norms),
+                "recent": list(self.recent_log10_norms), "depth": self.depth.state_dict(),
+                "depth_layers": list(self.depth_layers), "cosine": self.cosine.state_dict(),
+                "layer_cosine": self.layer_cosine.state_dict(), "log_ratio": self.log_ratio.state_dict(),
+                "grad_to_weight": self.grad_to_weight.state_dict(), "samples": self.samples,
+                "clip_checks": self.clip_checks, "clipped": self.clipped}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if list(state.get("names", [])) == self.grouping.names:
+            self.expected, self.got, self.had_grad = list(state["expected"]), list(state["got"]), list(state["had_grad"])
+        self.early_log10_norms = list(state.get("early", []))
+        self.recent_log10_norms.extend(state.get("recent", []))
+        for key in ("depth", "cosine", "layer_cosine", "log_ratio", "grad_to_weight"):
+            if key in state:
+                getattr(self, key).load_state_dict(state[key])
+        self.depth_layers = tuple(state.get("depth_layers", ("", "")))  # type: ignore[assignment]
+        self.samples = int(state.get("samples", 0))
+        self.clip_checks, self.clipped = int(state.get("clip_checks", 0)), int(state.get("clipped", 0))
 
 
 class GradientMonitor(Monitor):
-    def __init__(self) -> None:
+    """Watches gradients and updates on sampled optimizer steps.
+
+    Measures (on sampled steps only; other steps cost an integer comparison per hook):
+
+    * gradient norms, total and per layer (``diag/grad_norm``, ``diag/grad_norm/<layer>``), before clipping and
+      unscaled under AMP; the fraction of sampled steps clipped when ``gradient_clip_val`` is set;
+    * the update-to-weight ratio ``‖Δθ‖/‖θ‖`` across the optimizer step, logged as log10
+      (``diag/update_to_weight_ratio``: median over layers, and per layer), published for the learning-rate probe;
+    * the cosine between consecutive updates (``diag/update_cosine``, total and per layer);
+    * the gradient noise scale ``B_simple = tr Σ / |G|²`` (``diag/grad_noise_scale`` next to ``diag/batch_size``).
+
+    Rules: ``exploding_gradients``, ``vanishing_gradients`` (only while training stalls), ``missing_gradients``,
+    ``zigzag_updates`` (only while the loss improves slowly), ``high_gradient_noise``.
+
+    Noise-scale sources (McCandlish et al. 2018, appendix A.1): with ``accumulate_grad_batches > 1`` the first
+    micro-batch's gradient vs the accumulated one (free); otherwise the gradient of half of the sampled batch,
+    recomputed with ``training_step`` at the same parameters through ``torch.autograd.grad`` (``.grad``, RNG states,
+    buffers such as BatchNorm statistics and ``self.log`` calls are left untouched). Under DDP the small estimate is
+    each rank's local (micro- or half-) batch gradient, its squared norm averaged across ranks, and the big one the
+    all-reduced gradient of the global batch. Assumes the loss is a mean over samples. Skipped under manual
+    optimization.
+
+    Args:
+        interval: measure every ``interval``-th optimizer step (after the warm-up).
+        warmup_steps: measure each of the first ``warmup_steps`` optimizer steps (defines the early gradient level).
+        noise_scale_interval: estimate the noise scale every ``noise_scale_interval``-th step (the batch split costs
+            about half a training step each time); ``0`` switches the noise scale off.
+        track_updates: measure update-to-weight ratios and update cosines (keeps up to two copies of the parameters
+            for two steps after each sampled step).
+
+    Example::
+
+        from diag.callbacks import GradientMonitor
+        trainer = pl.Trainer(callbacks=[GradientMonitor(interval=20)])
+        trainer.fit(model, train_loader)
+        print([f.code for f in trainer.callbacks[0].findings])
+    """
+
+    def __init__(self, interval: int = 20, warmup_steps: int = 5, noise_scale_interval: int = 25,
+                 track_updates: bool = True) -> None:
         super().__init__()
+        self.interval = check_positive_int("interval", interval)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.noise_scale_interval = check_positive_int("noise_scale_interval", noise_scale_interval, minimum=0)
+        if not isinstance(track_updates, bool):
+            raise ValueError(f"`track_updates` must be True or False, got {track_updates!r}.")
+        self.track_updates = track_updates
+        self._states: Dict[int, _OptimizerState] = {}
+        self._names: Dict[int, str] = {}
+        self._noise = GradientNoiseScale(beta=0.9)  # logged: follows the run
+        # judged: the recent window of raw estimates, averaged arithmetically with a confidence bound
+        self._noise_window: Deque[Tuple[float, float, float, float]] = collections.deque(maxlen=rules.NOISE_WINDOW)
+        self._batch: Any = None
+        self._batch_idx = 0
+        self._window_samples = 0
+        self._backwards_in_window = 0
+        self._micro_sq: Optional[float] = None
+        self._micro_size = 0
+        self._sampled_step = -1  # the optimizer step just measured (for on_train_batch_end)
+        self._own_loss = True
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_count = 0
+        self._early_losses: List[float] = []
+        self._loss_ema = EMA(0.9)
+        self._recent_losses: Deque[float] = collections.deque(maxlen=RECENT_LOSSES)
+        self._probe_requested = False
+        self._pending_load: Dict[int, Dict[str, Any]] = {}
+        self._accumulating = False
+
+    def _state_key_args(self) -> Dict[str, Any]:
+        return {"interval": self.interval, "warmup_steps": self.warmup_steps}
+
+    @property
+    def state_key(self) -> str:
+        # Lightning reads state_key on every hook call (profiler names): build the string once.
+        key = self.__dict__.get("_state_key_cache")
+        if key is None:
+            key = self.__dict__["_state_key_cache"] = self._generate_state_key(**self._state_key_args())
+        return key
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def _is_sampled(self, step: int) -> bool:
+        return step < self.warmup_steps or step % self.interval == 0
+
+    def _is_noise_step(self, step: int) -> bool:
+        if self.noise_scale_interval == 0:
+            return False
+        # with gradient accumulation the estimate is free (no extra pass): take it on every sampled step too
+        return step % self.noise_scale_interval == 0 or (self._accumulating and self._is_sampled(step))
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._is_noise_step(trainer.global_step):
+            if self._batch is None or self._backwards_in_window == 0:
+                self._batch, self._batch_idx = batch, batch_idx
+            self._window_samples += _batch_size(batch)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._backwards_in_window += 1
+        if (self._backwards_in_window == 1 and trainer.accumulate_grad_batches > 1
+                and self._is_noise_step(trainer.global_step) and pl_module.automatic_optimization):
+            # The first micro-batch of the window: .grad holds its gradient alone, scaled by 1/accumulate (Lightning
+            # divides the loss) and by the AMP loss scale when a GradScaler is used.
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                sq = squared_norms(grads).sum()
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
+                scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+                self._micro_sq = float(sq) * (trainer.accumulate_grad_batches / scale) ** 2
+                self._micro_size = _batch_size(self._batch)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step = trainer.global_step
+        noise = self._is_noise_step(step)
+        if self._is_sampled(step) or noise:
+            self._measure(trainer, pl_module, optimizer, step, self._is_sampled(step), noise)
+        elif self.track_updates:
+            state = self._states.get(id(optimizer))
+            if state is not None and state.tracker.pending:
+                self._measure(trainer, pl_module, optimizer, step, False, False)
+        self._backwards_in_window = 0
+        if noise:
+            self._batch, self._window_samples, self._micro_sq = None, 0, None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Our own loss evidence (only used when no loss monitor publishes its signals): the mean training loss since the
+        # last sampled step, summed on the device without a host sync and read once per sampled step.
+        if self._own_loss:
+            loss = _step_loss(outputs)
+            if loss is not None:
+                loss = loss.detach()
+                self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+                self._loss_count += 1
+        if self._sampled_step < 0:
+            return
+        self._sampled_step = -1
+        if self._own_loss and self._context.get(signals.LOSS_SMOOTHED) is not None:
+            self._own_loss = False  # a loss monitor publishes better evidence
+        if self._loss_sum is not None and self._loss_count:
+            self._observe_loss(float(self._loss_sum.float()) / self._loss_count)
+        self._loss_sum, self._loss_count = None, 0
+
+    def _release(self) -> None:
+        for state in self._states.values():
+            state.tracker.release()
+        self._batch = None
+
+    # ---- measurement --------------------------------------------------------------------------------
+    def _state_for(self, trainer: Any, pl_module: Any, optimizer: Any) -> _OptimizerState:
+        state = self._states.get(id(optimizer))
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        if state is None or state.param_count != count:
+            if not self._names:
+                self._names = {id(p): n for n, p in pl_module.named_parameters()}
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+            new = _OptimizerState(names, params)
+            if state is not None:  # param groups added (e.g. unfreezing): keep the running statistics by name
+                old = dict(zip(state.grouping.names, zip(state.expected, state.got, state.had_grad)))
+                for i, n in enumerate(names):
+                    if n in old:
+                        new.expected[i], new.got[i], new.had_grad[i] = old[n]
+                new.early_log10_norms = state.early_log10_norms
+            index = self._optimizer_index(trainer, optimizer)
+            if index in self._pending_load:
+                new.load_state_dict(self._pending_load.pop(index))
+            state = self._states[id(optimizer)] = new
+        return state
+
+    @staticmethod
+    def _optimizer_index(trainer: Any, optimizer: Any) -> int:
+        for i, opt in enumerate(getattr(trainer, "optimizers", []) or []):
+            if opt is optimizer or getattr(opt, "optimizer", None) is optimizer:
+                return i
+        return 0
+
+    def _measure(self, trainer: Any, pl_module: Any, optimizer: Any, step: int, sampled: bool, noise: bool) -> None:
+        state = self._state_for(trainer, pl_module, optimizer)
+        g = state.grouping
+        update = state.tracker.observe(start_pair=sampled) if self.track_updates else None
+        if not sampled and not noise:
+            if update is not None:
+                self._use_update(state, update.keys(), torch.cat(list(update.values())).tolist(), len(g.layers))
+            return
+        trainable = [i for i, p in enumerate(g.params) if p.requires_grad]
+        with_grad = [i for i in trainable if g.params[i].grad is not None]
+        grads = [g.params[i].grad.detach() for i in with_grad]
+        pieces = [squared_norms(grads)] if grads else []
+        device = grads[0].device if grads else torch.device("cpu")
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        algorithm = str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower()
+        if clip_val and algorithm.endswith("value") and grads:
+            pieces.append(torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))]).amax()[None].float())
+        if grads:  # weight norms of the same parameters: gradient-to-weight ratio (plateau evidence)
+            pieces.append(squared_norms([g.params[i].detach() for i in with_grad]).sum()[None].to(device))
+        if update is not None:
+            pieces.extend(u.to(device) for u in update.values())
+        small = self._noise_small(trainer, pl_module, g, with_grad) if noise else None
+        values = torch.cat(pieces).tolist() if pieces else []  # the one host sync of this step
+        n = len(with_grad)
+        param_sq, rest = values[:n], values[n:]
+        max_abs = None
+        if clip_val and algorithm.endswith("value") and grads:
+            max_abs, rest = rest[0], rest[1:]
+        weight_total_sq = 0.0
+        if grads:
+            weight_total_sq, rest = rest[0], rest[1:]
+        total_sq = sum(param_sq)
+        if small is not None and math.isfinite(total_sq):
+            pairs, b_big = small
+            for small_sq, b_small in pairs:
+                if math.isfinite(small_sq) and b_small < b_big:
+                    self._noise.update(small_sq, total_sq, b_small, b_big)
+                    self._noise_window.append((small_sq, total_sq, b_small, b_big))
+        if update is not None:
+            self._use_update(state, update.keys(), rest, len(g.layers))
+        if not sampled:
+            return
+        self._sampled_step = step
+        state.samples += 1
+        # per-layer gradient norms
+        layer_sq = [0.0] * len(g.layers)
+        layer_has = [False] * len(g.layers)
+        for i, sq in zip(with_grad, param_sq):
+            layer_sq[g._index[i]] += sq
+            layer_has[g._index[i]] = True
+        for i in trainable:
+            state.expected[i] += 1
+        for i, sq in zip(with_grad, param_sq):
+            state.had_grad[i] += 1
+            if sq != 0.0:
+                state.got[i] += 1
+        total = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
+        log_total = math.log10(total) if total > 0 and math.isfinite(total) else (float("nan") if total == 0 else float("inf"))
+        if math.isfinite(log_total) and len(state.early_log10_norms) < EARLY_SAMPLES:
+            state.early_log10_norms.append(log_total)
+        state.recent_log10_norms.append(log_total)
+        scalars: Dict[str, float] = {"diag/grad_norm": total}
+        nonzero_layers = [j for j in range(len(g.layers)) if layer_has[j] and layer_sq[j] > 0 and math.isfinite(layer_sq[j])]
+        for j in nonzero_layers:
+            scalars[f"diag/grad_norm/{g.layers[j]}"] = math.sqrt(layer_sq[j])
+        if weight_total_sq > 0 and math.isfinite(total):
+            state.grad_to_weight.update(math.log10(max(total, 1e-30)) - 0.5 * math.log10(weight_total_sq))
+            tiny = state.grad_to_weight.count >= EARLY_SAMPLES and \
+                state.grad_to_weight.compute() < math.log10(rules.TINY_GRAD_TO_WEIGHT)
+            self._context.publish(signals.GRAD_TINY, bool(tiny))
+        if len(nonzero_layers) >= 2:
+            first, last = nonzero_layers[0], nonzero_layers[-1]
+            state.depth.update(0.5 * (math.log10(layer_sq[first]) - math.log10(layer_sq[last])))
+            state.depth_layers = (g.layers[first], g.layers[last])
+        if clip_val:
+            state.clip_checks += 1
+            clipped = (max_abs is not None and max_abs > clip_val) if algorithm.endswith("value") else total > clip_val
+            state.clipped += int(clipped)
+            scalars["diag/grad_clip_fraction"] = state.clipped / state.clip_checks
+        if small is not None:
+            est = self._noise.compute()
+            if math.isfinite(est["noise_scale"]):
+                scalars["diag/grad_noise_scale"] = est["noise_scale"]
+            scalars["diag/batch_size"] = small[1]
+        self.log_scalars(scalars)
+        self._judge(state, step)
+
+    def _noise_small(self, trainer: Any, pl_module: Any, g: LayerGrouping, with_grad: List[int]):
+        """Squared norm of a gradient over fewer samples at the current parameters (``None`` when unavailable)."""
+        if not pl_module.automatic_optimization or not with_grad:
+            return None
+        world = max(1, int(getattr(trainer, "world_size", 1) or 1))
+        device = g.params[with_grad[0]].device
+        if trainer.accumulate_grad_batches > 1:
+            if self._micro_sq is None or not self._micro_size or self._window_samples <= self._micro_size:
+                return None
+            pairs = [(self._micro_sq, self._micro_size)]
+            b_big = self._window_samples * world
+        else:
+            size = _batch_size(self._batch)
+            if size < 2:
+                return None
+            half = size // 2
+            params = [g.params[i] for i in with_grad]
+            first = self._half_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, half), params)
+            if first is None:
+                return None
+            first_sq, dot, big_sq = first
+            # The other half needs no pass: G_big = (h G_a + (B-h) G_b) / B, so G_b = (B G_big - h G_a) / (B-h).
+            rest = size - half
+            second_sq = (size ** 2 * big_sq - 2 * size * half * dot + half ** 2 * first_sq) / rest ** 2
+            # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first half is usable.
+            pairs = [(first_sq, half), (second_sq, rest)] if world == 1 else [(first_sq, half)]
+            b_big = size * world
+        if world > 1:  # every rank reaches this at the same (globally sampled) step: average the local estimates
+            local = torch.tensor([sq for sq, _ in pairs], device=device, dtype=torch.float64)
+            pairs = list(zip(self.reduce(local, "mean").tolist(), [b for _, b in pairs]))
+        return pairs, b_big
+
+    def _half_batch_sq_norm(self, trainer: Any, pl_module: Any, half: Any,
+                            params: List[torch.Tensor]) -> Optional[Tuple[float, float, float]]:
+        """Re-run ``training_step`` on ``half`` and take its gradient ``G_a`` with ``autograd.grad`` (``.grad`` is
+        untouched); returns ``(|G_a|², <G_a, G_big>, |G_big|²)``. Everything the extra pass can change is restored:
+        RNG states, buffers (BatchNorm statistics), train/eval modes; ``self.log`` calls are dropped."""
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        np_rng, py_rng = np.random.get_state(), random.getstate()
+        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        modes = [(m, m.training) for m in pl_module.modules()]
+        silenced = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+        for name in silenced:
+            setattr(pl_module, name, lambda *a, **k: None)
+        self._context.publish(signals.GRAD_EXTRA_PASS, True)
+        try:
+            with torch.enable_grad(), trainer.precision_plugin.train_step_context():
+                output = pl_module.training_step(half, self._batch_idx)
+            loss = _step_loss(output)
+            if loss is None or not loss.requires_grad or loss.dim() != 0:
+                return None
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            mine = [gr.detach() for gr in grads if gr is not None]
+            big = [p.grad.detach() for gr, p in zip(grads, params) if gr is not None]
+            if not mine:
+                return None
+            values = torch.stack([squared_norms(mine).sum(), dots(mine, big).sum(), squared_norms(big).sum()])
+            first_sq, dot, big_sq = values.double().tolist()
+            return first_sq, dot, big_sq
+        finally:
+            self._context.publish(signals.GRAD_EXTRA_PASS, False)
+            for name, original in silenced.items():
+                if original is None:
+                    pl_module.__dict__.pop(name, None)
+                else:
+                    setattr(pl_module, name, original)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, training in modes:
+                if m.training != training:
+                    m.train(training)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            np.random.set_state(np_rng)
+            random.setstate(py_rng)
+
+    def _use_update(self, state: _OptimizerState, keys: Any, values: List[float], n_layers: int) -> None:
+        keys = list(keys)
+        parts = {k: values[i * n_layers:(i + 1) * n_layers] for i, k in enumerate(keys)}
+        layers = state.grouping.layers
+        update_sq, weight_sq = parts["update_sq"], parts["weight_sq"]
+        scalars: Dict[str, float] = {}
+        log_ratios = []
+        for j, layer in enumerate(layers):
+            if update_sq[j] > 0 and weight_sq[j] > 0 and math.isfinite(update_sq[j]):
+                lr = 0.5 * (math.log10(update_sq[j]) - math.log10(weight_sq[j]))
+                log_ratios.append(lr)
+                scalars[f"diag/update_to_weight_ratio/{layer}"] = lr
+        if log_ratios:
+            median = statistics.median(log_ratios)
+            state.log_ratio.update(median)
+            scalars["diag/update_to_weight_ratio"] = median
+            self._context.publish(signals.GRAD_UPDATE_TO_WEIGHT_RATIO, 10 ** state.log_ratio.compute())
+        if "dot" in parts:
+            dot, prev_sq = parts["dot"], parts["previous_update_sq"]
+            total_dot, total_a, total_b = sum(dot), sum(update_sq), sum(prev_sq)
+            if total_a > 0 and total_b > 0 and math.isfinite(total_dot):
+                c = total_dot / math.sqrt(total_a * total_b)
+                state.cosine.update(c)
+                scalars["diag/update_cosine"] = c
+            per_layer = {}
+            for j, layer in enumerate(layers):
+                if update_sq[j] > 0 and prev_sq[j] > 0 and math.isfinite(dot[j]):
+                    per_layer[layer] = dot[j] / math.sqrt(update_sq[j] * prev_sq[j])
+                    scalars[f"diag/update_cosine/{layer}"] = per_layer[layer]
+            state.layer_cosine.update(per_layer)
+        if scalars:
+            self.log_scalars(scalars)
+
+    def _observe_loss(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        if len(self._early_losses) < EARLY_SAMPLES:
+            self._early_losses.append(loss)
+        self._loss_ema.update(loss)
+        self._recent_losses.append(self._loss_ema.compute())
+
+    # ---- judging ------------------------------------------------------------------------------------
+    def _progress(self) -> Tuple[Optional[float], Optional[bool]]:
+        """(relative loss progress over the recent window, stalled?) from the loss monitor, else our own samples."""
+        progress = self._context.get(signals.LOSS_RELATIVE_PROGRESS)
+        stalled = self._context.get(signals.LOSS_STALLED)
+        if progress is None and len(self._recent_losses) == self._recent_losses.maxlen:
+            old, new = self._recent_losses[0], self._recent_losses[-1]
+            progress = (old - new) / abs(old) if old != 0 else 0.0
+        if stalled is None and len(self._early_losses) == EARLY_SAMPLES and progress is not None:
+            early = statistics.median(self._early_losses)
+            since_start = (early - self._loss_ema.compute()) / abs(early) if early else 0.0
+            stalled = progress < rules.STALL_PROGRESS and since_start < rules.STALL_PROGRESS
+        return progress, stalled
+
+    def _loss_fraction_of_initial(self) -> Optional[float]:
+        initial, now = self._context.get(signals.LOSS_INITIAL), self._context.get(signals.LOSS_SMOOTHED)
+        if initial is None or now is None:
+            if len(self._early_losses) < EARLY_SAMPLES:
+                return None
+            initial, now = statistics.median(self._early_losses), self._loss_ema.compute()
+        return float(now) / float(initial) if initial and math.isfinite(float(now)) and float(initial) > 0 else None
+
+    def _judge(self, state: _OptimizerState, step: int) -> None:
+        min_samples = EARLY_SAMPLES
+        early = statistics.median(state.early_log10_norms) if state.early_log10_norms else float("nan")
+        progress, stalled = self._progress()
+        found = rules.exploding_gradients(early, state.recent_log10_norms, progress)
+        if found:
+            self._raise("exploding_gradients", found)
+        found = rules.vanishing_gradients(state.depth.compute(), state.depth.count, min_samples, stalled,
+                                          *state.depth_layers)
+        if found:
+            self._raise("vanishing_gradients", found)
+        self._judge_missing(state)
+        worst_layer, worst = None, float("nan")
+        for layer, c in state.layer_cosine.compute().items():
+            if math.isfinite(c) and not (c >= worst):
+                worst_layer, worst = layer, c
+        found = rules.zigzag_updates(state.cosine.compute(), state.cosine.count, progress, stalled, worst_layer, worst)
+        self._context.publish(signals.GRAD_ZIGZAG, found is not None)
+        if found:
+            self._raise("zigzag_updates", found)
+        window = self._window_noise()
+        est = window.compute()
+        b = int(window.last_b_big) if window.count else 0
+        found = rules.high_gradient_noise(est["noise_scale"], b, window.count, stalled, progress,
+                                          self._loss_fraction_of_initial())
+        if found:
+            self._raise("high_gradient_noise", found)
+        # plateau evidence for the loss monitor, and the learning-rate probe's trigger
+        ratio = state.log_ratio.compute()
+        if state.log_ratio.count >= min_samples and math.isfinite(ratio) and not self._probe_requested:
+            if ratio < math.log10(rules.UPDATE_RATIO_LOW):
+                self._context.request_probe("update_too_small")
+                self._probe_requested = True
+            elif ratio > math.log10(rules.UPDATE_RATIO_HIGH):
+                self._context.request_probe("update_too_large")
+                self._probe_requested = True
+
+    def _window_noise(self) -> GradientNoiseScale:
+        window = GradientNoiseScale(beta=None)
+        for item in self._noise_window:
+            window.update(*item)
+        return window
+
+    def _judge_missing(self, state: _OptimizerState) -> None:
+        by_layer: Dict[str, Tuple[List[str], List[str]]] = {}
+        samples = 0
+        for i, name in enumerate(state.grouping.names):
+            exp = state.expected[i]
+            samples = max(samples, exp)
+            if exp < rules.MISSING_MIN_SAMPLES:
+                continue
+            short = name.rsplit(".", 1)[-1]
+            layer = state.grouping.layers[state.grouping._index[i]]
+            if state.had_grad[i] == 0:
+                by_layer.setdefault(layer, ([], []))[0].append(short)
+            elif state.got[i] == 0:
+                by_layer.setdefault(layer, ([], []))[1].append(short)
+        for layer, (none_params, zero_params) in by_layer.items():
+            found = rules.missing_gradients(layer, none_params, zero_params, samples)
+            if found:
+                self._raise("missing_gradients", found)
+
+    def _raise(self, code: str, d: rules.Diagnosis) -> None:
+        self.report(code, d.message, advice=d.advice, evidence=d.evidence, layer=d.layer, severity=d.severity)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _monitor_state(self) -> Dict[str, Any]:
+        optimizers = list(getattr(self._trainer, "optimizers", []) or []) if self._trainer is not None else []
+        per_optimizer = {}
+        for state_id, state in self._states.items():
+            index = next((i for i, o in enumerate(optimizers) if id(o) == state_id
+                          or id(getattr(o, "optimizer", None)) == state_id), 0)
+            per_optimizer[str(index)] = state.state_dict()
+        return {"optimizers": per_optimizer, "noise": self._noise.state_dict(), "noise_window": [list(x) for x in self._noise_window], "early_losses": list(self._early_losses),
+                "loss_ema": self._loss_ema.state_dict(), "recent_losses": list(self._recent_losses),
+                "probe_requested": self._probe_requested}
+
+    def _load_monitor_state(self, state: Dict[str, Any]) -> None:
+        self._pending_load = {int(k): v for k, v in state.get("optimizers", {}).items()}
+        if "noise" in state:
+            self._noise.load_state_dict(state["noise"])
+        self._noise_window.extend(tuple(x) for x in state.get("noise_window", []))
+        self._early_losses = list(state.get("early_losses", []))
+        if "loss_ema" in state:
+            self._loss_ema.load_state_dict(state["loss_ema"])
+        self._recent_losses.extend(state.get("recent_losses", []))
+        self._probe_requested = bool(state.get("probe_requested", False))

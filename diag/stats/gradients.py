@@ -1,0 +1,202 @@
+"""Gradient and update statistics on plain tensors: per-layer norms, update-to-weight ratio, update cosine, EMAs.
+
+Everything is batched: one ``torch._foreach_norm`` over all tensors and a segment sum into layers, so the caller
+needs a single host sync per measurement. A *layer* is the module that owns a parameter (``net.0`` for
+``net.0.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+ROOT_LAYER = "(root)"
+
+
+def layer_of(param_name: str) -> str:
+    """The module path that owns ``param_name``: ``"net.0.weight" -> "net.0"``."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ROOT_LAYER
+
+
+class LayerGrouping:
+    """A fixed list of parameters with their layer index, built once (e.g. per optimizer).
+
+    Args:
+        named_params: ``(name, parameter)`` pairs, in model order.
+    """
+
+    def __init__(self, named_params: Iterable[Tuple[str, nn.Parameter]]) -> None:
+        self.names: List[str] = []
+        self.params: List[nn.Parameter] = []
+        self.layers: List[str] = []
+        layer_index: Dict[str, int] = {}
+        index: List[int] = []
+        for name, p in named_params:
+            layer = layer_of(name)
+            if layer not in layer_index:
+                layer_index[layer] = len(self.layers)
+                self.layers.append(layer)
+            self.names.append(name)
+            self.params.append(p)
+            index.append(layer_index[layer])
+        self._index = torch.tensor(index, dtype=torch.long)
+        self._index_on: Dict[torch.device, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._index_on:
+            self._index_on[device] = self._index.to(device)
+        return self._index_on[device]
+
+    def layer_sum(self, per_param: torch.Tensor, which: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Sum a per-parameter vector into layers (``which`` selects the parameters ``per_param`` refers to)."""
+        index = self.index_on(per_param.device)
+        if which is not None:
+            index = index[torch.as_tensor(which, dtype=torch.long, device=per_param.device)]
+        out = torch.zeros(len(self.layers), dtype=per_param.dtype, device=per_param.device)
+        return out.index_add_(0, index, per_param)
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync)."""
+    if not tensors:
+        return torch.zeros(0)
+    device = tensors[0].device
+    norms = torch._foreach_norm(list(tensors))
+    if all(n.device == device for n in norms):
+        stacked = torch.stack(norms).float()
+    else:  # parameters spread over devices (model parallel)
+        stacked = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    return stacked * stacked
+
+
+def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``<a_i, b_i>`` for each pair, as one float32 vector (no host sync)."""
+    if not a:
+        return torch.zeros(0)
+    # <a, b> = (|a + b|² − |a|² − |b|²) / 2 with three batched norms instead of one reduction per tensor; computed in
+    # float64 from float32 norms, exact enough for a cosine (|error| ~ 1e-7 of |a||b|).
+    total = squared_norms(torch._foreach_add(list(a), list(b))).double()
+    return ((total - squared_norms(a).double() - squared_norms(b).double()) / 2).float()
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+def cosine(dot: float, sq_a: float, sq_b: float) -> float:
+    denom = math.sqrt(sq_a * sq_b)
+    return dot / denom if denom > 0 else float("nan")
+
+
+class EMA:
+    """Bias-corrected exponential moving average of a scalar (non-finite values are skipped)."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"`beta` must be in [0, 1), got {beta!r}.")
+        self.beta = beta
+        self.reset()
+
+    def reset(self) -> None:
+        self._value, self._weight, self.count = 0.0, 0.0, 0
+
+    def update(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        self._value = self.beta * self._value + (1 - self.beta) * x
+        self._weight = self.beta * self._weight + (1 - self.beta)
+        self.count += 1
+
+    def compute(self) -> float:
+        return self._value / self._weight if self._weight > 0 else float("nan")
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self._value, "weight": self._weight, "count": self.count}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self._value, self._weight = float(state["value"]), float(state["weight"])
+        self.count = int(state["count"])
+
+
+class LayerEMA:
+    """One :class:`EMA` per layer name (O(layers))."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta = beta
+        self.emas: Dict[str, EMA] = {}
+
+    def update(self, values: Dict[str, float]) -> None:
+        for k, v in values.items():
+            self.emas.setdefault(k, EMA(self.beta)).update(v)
+
+    def compute(self) -> Dict[str, float]:
+        return {k: e.compute() for k, e in self.emas.items()}
+
+    def state_dict(self) -> Dict[str, Dict[str, float]]:
+        return {k: e.state_dict() for k, e in self.emas.items()}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, float]]) -> None:
+        self.emas = {}
+        for k, s in state.items():
+            self.emas[k] = EMA(self.beta)
+            self.emas[k].load_state_dict(s)
+
+
+class UpdateTracker:
+    """Measures updates ``Δθ`` across optimizer steps and the cosine between two consecutive updates.
+
+    Call :meth:`observe` with the current parameters right before each optimizer step that should be measured
+    *and* right before the one after it. A pair of consecutive updates is measured as: snapshot ``θ_t``;
+    at the next step ``Δθ_t = θ_{t+1} − θ_t`` (kept) and snapshot ``θ_{t+1}``; at the next ``Δθ_{t+1}`` and the
+    cosine. Copies exist only while a measurement is pending (at most two copies of the tracked parameters).
+    """
+
+    def __init__(self, grouping: LayerGrouping) -> None:
+        self.grouping = grouping
+        self._snapshot: Optional[List[torch.Tensor]] = None
+        self._snapshot_sq: Optional[torch.Tensor] = None  # ‖θ_t‖² per param
+        self._previous_delta: Optional[List[torch.Tensor]] = None
+        self._previous_delta_sq: Optional[torch.Tensor] = None
+
+    @property
+    def pending(self) -> bool:
+        return self._snapshot is not None
+
+    def release(self) -> None:
+        self._snapshot = self._snapshot_sq = self._previous_delta = self._previous_delta_sq = None
+
+    def observe(self, start_pair: bool) -> Optional[Dict[str, torch.Tensor]]:
+        """Finish a pending update (if any) and snapshot when a pair starts or continues.
+
+        Returns per-layer tensors ``update_sq`` and ``weight_sq`` (and ``dot`` / ``previous_update_sq`` when the
+        update was the second of a pair), still on the device: the caller syncs once.
+        """
+        params = [p.detach() for p in self.grouping.params]
+        out: Optional[Dict[str, torch.Tensor]] = None
+        continue_pair = False
+        if self._snapshot is not None:
+            delta = self._snapshot
+            torch._foreach_mul_(delta, -1.0)
+            torch._foreach_add_(delta, params)  # Δθ = θ_now − θ_before, in place in the snapshot buffer
+            delta_sq = squared_norms(delta)
+            g = self.grouping
+            out = {"update_sq": g.layer_sum(delta_sq), "weight_sq": g.layer_sum(self._snapshot_sq)}
+            if self._previous_delta is not None:
+                out["dot"] = g.layer_sum(dots(delta, self._previous_delta))
+                out["previous_update_sq"] = g.layer_sum(self._previous_delta_sq)
+                self._previous_delta = self._previous_delta_sq = None
+                self._snapshot = self._snapshot_sq = None
+            else:
+                self._previous_delta, self._previous_delta_sq = delta, delta_sq
+                self._snapshot = self._snapshot_sq = None
+                continue_pair = True
+        if start_pair or continue_pair:
+            self._snapshot = [p.clone() for p in params]
+            self._snapshot_sq = squared_norms(params)
+        return out

@@ -1,0 +1,262 @@
+"""GradientMonitor on real fits: each fault gets its code, healthy twins stay silent, training is unchanged."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning.pytorch as L
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from diag import signals
+from diag.callbacks import GradientMonitor
+from diag.stats.gradients import LayerGrouping, UpdateTracker, squared_norms
+from tests.helpers import (Classifier, assert_silent, classifier_for, codes, digits_loaders, fit, loaders_from, mlp,
+                           state_equal)
+
+
+def _scaled(net, factor):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(factor)
+    return net
+
+
+def _find(monitor, code):
+    return [f for f in monitor.findings if f.code == code]
+
+
+# ---- statistics -------------------------------------------------------------------------------------------
+def test_layer_norms_and_update_tracker_match_brute_force():
+    torch.manual_seed(0)
+    net = mlp([5, 4, 3])
+    grouping = LayerGrouping(net.named_parameters())
+    assert grouping.layers == ["0", "2"]
+    sq = squared_norms([p.detach() for p in grouping.params])
+    assert torch.allclose(grouping.layer_sum(sq), torch.stack([
+        net[0].weight.pow(2).sum() + net[0].bias.pow(2).sum(), net[2].weight.pow(2).sum() + net[2].bias.pow(2).sum()]))
+    tracker = UpdateTracker(grouping)
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    assert tracker.observe(start_pair=True) is None
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    first = tracker.observe(start_pair=False)
+    theta1 = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(0.05)
+    second = tracker.observe(start_pair=False)
+    assert not tracker.pending
+    d0 = torch.cat([(b - a).flatten() for a, b in zip(theta0, theta1)])
+    d1 = torch.cat([(b - a).flatten() for a, b in zip(theta1, [p.detach() for p in net.parameters()])])
+    assert float(first["update_sq"].sum()) == pytest.approx(float(d0 @ d0), rel=1e-5)
+    cos = float(second["dot"].sum()) / math.sqrt(float(second["update_sq"].sum() * second["previous_update_sq"].sum()))
+    assert cos == pytest.approx(float(d0 @ d1 / (d0.norm() * d1.norm())), rel=1e-5)
+    assert cos == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ValueError, match="interval"):
+        GradientMonitor(interval=0)
+    with pytest.raises(ValueError, match="noise_scale_interval"):
+        GradientMonitor(noise_scale_interval=-1)
+
+
+# ---- healthy ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("namespace", [pl, L], ids=["pytorch_lightning", "lightning.pytorch"])
+def test_healthy_runs_are_silent_and_scalars_reach_tensorboard(tmp_path, namespace):
+    train, val = digits_loaders(batch_size=64)
+    monitor = GradientMonitor()
+    logger = (TensorBoardLogger if namespace is pl else L.loggers.TensorBoardLogger)(str(tmp_path), name="tb")
+    fit(tmp_path, classifier_for(namespace)(mlp([64, 64, 32, 10]), lr=0.05, optimizer="sgd", momentum=0.9),
+        train, val, [monitor], max_epochs=3, namespace=namespace, logger=logger)
+    assert_silent(monitor.findings)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("diag/grad_norm", "diag/grad_norm/net.0", "diag/update_to_weight_ratio",
+                "diag/update_to_weight_ratio/net.4", "diag/update_cosine", "diag/grad_noise_scale", "diag/batch_size"):
+        assert tag in tags, (tag, sorted(tags))
+    assert {e.value for e in acc.Scalars("diag/batch_size")} == {64.0}
+    # log10 of |dW|/|W| for SGD(lr=0.05, momentum) on digits: within TheDeepChecker's [-4, -1]
+    assert all(-4 < e.value < -1 for e in acc.Scalars("diag/update_to_weight_ratio"))
+    ratio = monitor.context.get(signals.GRAD_UPDATE_TO_WEIGHT_RATIO)
+    assert 1e-4 < ratio < 1e-1
+    assert monitor.context.get(signals.GRAD_ZIGZAG) is False and monitor.context.get(signals.GRAD_TINY) is False
+
+
+def test_healthy_deep_relu_and_frozen_part_are_silent(tmp_path):
+    train, val = digits_loaders(batch_size=64)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(mlp([64] + [64] * 8 + [10]), lr=1e-3), train, val, [monitor], max_epochs=3)
+    assert_silent(monitor.findings)
+
+    net = mlp([64, 64, 32, 10])
+    net[0].requires_grad_(False)  # frozen on purpose: not missing
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(net, lr=1e-3), train, val, [monitor], max_epochs=2)
+    assert_silent(monitor.findings)
+    assert not _find(monitor, "missing_gradients")
+
+
+# ---- faults -----------------------------------------------------------------------------------------------
+def test_exploding_gradients_deep_net_with_scaled_init(tmp_path):
+    train, val = digits_loaders(batch_size=64)
+    monitor = GradientMonitor()
+    net = _scaled(mlp([64] + [64] * 8 + [10]), 5.0)
+    fit(tmp_path, Classifier(net, lr=0.01, optimizer="sgd"), train, val, [monitor], max_epochs=1)
+    found = _find(monitor, "exploding_gradients")
+    assert found and found[0].severity.value == "warning"
+    assert "clip" in found[0].advice.lower()
+
+
+def test_exploding_gradients_regression_past_its_stability_limit(tmp_path):
+    # plain SGD at 1.2x the stability limit 2/lambda_max: the steep direction grows 1.4x per step, and so do gradients
+    x, y = _regression(normalize=True)
+    lr = 1.2 * 2 / (2 * torch.linalg.eigvalsh(x.T @ x / len(x)).max().item())
+    train, val = loaders_from(x, y, batch_size=64)
+    monitor = GradientMonitor()
+    module = Classifier(nn.Linear(10, 1), lr=lr, optimizer="sgd", loss_fn=nn.functional.mse_loss)
+    fit(tmp_path, module, train, val, [monitor], max_epochs=5)
+    found = _find(monitor, "exploding_gradients")
+    assert found and found[0].evidence["early_grad_norm"] > 0
+
+
+def test_vanishing_gradients_deep_sigmoid_tiny_init(tmp_path):
+    train, val = digits_loaders(batch_size=64)
+    net = mlp([64] + [64] * 8 + [10], activation=nn.Sigmoid)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(net, lr=0.01, optimizer="sgd"), train, val, [monitor], max_epochs=3)
+    found = _find(monitor, "vanishing_gradients")
+    assert found and found[0].evidence["first_to_last_grad_norm_ratio"] < 1e-3
+    assert found[0].evidence["first_layer"] == "net.0" and found[0].evidence["last_layer"] == "net.16"
+
+
+class _DetachedBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(64, 32)
+        self.side = nn.Linear(64, 32)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.trunk(x)), torch.relu(self.side(x)).detach()], 1))
+
+
+def test_missing_gradients_detached_branch_names_the_layer(tmp_path):
+    train, val = digits_loaders(batch_size=64)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(_DetachedBranch(), lr=1e-3), train, val, [monitor], max_epochs=3)
+    found = _find(monitor, "missing_gradients")
+    assert [f.layer for f in found] == ["net.side"]
+    assert found[0].severity.value == "error" and "weight" in found[0].message
+
+
+def test_high_gradient_noise_batch_two_plain_sgd(tmp_path):
+    train, val = digits_loaders(batch_size=2, n_train=640)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(mlp([64, 64, 32, 10]), lr=0.05, optimizer="sgd"), train, val, [monitor], max_epochs=1)
+    found = _find(monitor, "high_gradient_noise")
+    assert found and found[0].severity.value == "warning", monitor.findings
+    ev = found[0].evidence
+    assert ev["batch_size"] == 2 and (ev["noise_scale"] == "inf" or ev["noise_scale"] > 20)
+    assert "accumulate_grad_batches" in found[0].advice
+    # the twin at batch 64 stays silent
+    train, val = digits_loaders(batch_size=64)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(mlp([64, 64, 32, 10]), lr=0.1, optimizer="sgd"), train, val, [monitor], max_epochs=3)
+    assert_silent(monitor.findings)
+
+
+def _regression(normalize, n=1200, d=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, 1.5, d)  # feature scales 1 ... 31.6: condition number 1000
+    x = torch.randn(n, d, generator=g) * scales
+    y = (x / scales) @ torch.randn(d, generator=g) + 0.1 * torch.randn(n, generator=g)
+    if normalize:
+        x = x / scales
+    return x, y[:, None]
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["ill_conditioned_plain_sgd", "normalized_momentum"])
+def test_zigzag_updates_ill_conditioned_regression(tmp_path, normalize):
+    x, y = _regression(normalize)
+    if normalize:
+        lr, momentum = 0.05, 0.9
+    else:  # plain SGD at 0.98x its stability limit 2/lambda_max (lambda_max of the MSE Hessian 2 X^T X / n)
+        lr, momentum = 0.98 * 2 / (2 * torch.linalg.eigvalsh(x.T @ x / len(x)).max().item()), 0.0
+    train, val = loaders_from(x, y, batch_size=64)
+    monitor = GradientMonitor()
+    module = Classifier(nn.Linear(10, 1), lr=lr, optimizer="sgd", momentum=momentum, loss_fn=nn.functional.mse_loss)
+    fit(tmp_path, module, train, val, [monitor], max_epochs=20)
+    if normalize:
+        assert_silent(monitor.findings)
+        assert monitor.context.get(signals.GRAD_ZIGZAG) is False
+    else:
+        found = _find(monitor, "zigzag_updates")
+        assert found and found[0].evidence["update_cosine"] < -0.5
+        assert monitor.context.get(signals.GRAD_ZIGZAG) is True
+        assert "momentum" in found[0].advice
+
+
+# ---- same story under AMP, accumulation and clipping ------------------------------------------------------
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_bf16_accumulation_and_clipping_tell_the_same_story(tmp_path, accumulate):
+    train, val = digits_loaders(batch_size=32 if accumulate == 2 else 64)
+    monitor = GradientMonitor(interval=5)
+    fit(tmp_path, Classifier(_DetachedBranch(), lr=1e-3), train, val, [monitor], max_epochs=2,
+        precision="bf16-mixed", accumulate_grad_batches=accumulate, gradient_clip_val=0.5)
+    assert [f.layer for f in _find(monitor, "missing_gradients")] == ["net.side"]
+    assert not [f for f in monitor.findings if f.code != "missing_gradients" and f.severity.value != "info"]
+    # noise-scale estimates from the micro-batch (32 vs accumulated 64) or from the batch split (32 vs 64)
+    assert monitor._noise.count > 0 and monitor._noise.last_b_small == 32 and monitor._noise.last_b_big == 64
+    assert 0 < monitor._noise.compute()["trace_cov"]
+    state = next(iter(monitor._states.values()))
+    assert state.clip_checks > 0 and 0 <= state.clipped <= state.clip_checks
+
+
+# ---- observing does not change training -------------------------------------------------------------------
+class _DropoutBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_training_is_bitwise_unchanged(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(0)
+        train, val = digits_loaders(batch_size=32, n_train=640)
+        module = Classifier(_DropoutBatchNorm(), lr=1e-3)
+        fit(tmp_path, module, train, val, callbacks, max_epochs=2)
+        return module
+
+    # every step sampled and a batch split (extra forward/backward with dropout and BatchNorm) every other step
+    monitor = GradientMonitor(interval=1, noise_scale_interval=2)
+    with_monitor = run([monitor])
+    without = run([])
+    assert state_equal(with_monitor, without)
+    assert monitor._noise.count > 10 and not [f for f in monitor.findings if f.code == "diag_internal_error"]
+
+
+def test_checkpoint_state_round_trips(tmp_path):
+    train, val = digits_loaders(batch_size=64, n_train=640)
+    monitor = GradientMonitor()
+    fit(tmp_path, Classifier(_DetachedBranch(), lr=1e-3), train, val, [monitor], max_epochs=1)
+    state = monitor.state_dict()
+    fresh = GradientMonitor()
+    fresh.load_state_dict(state)
+    assert fresh._pending_load and fresh._noise.state_dict() == monitor._noise.state_dict()
+    assert [f.key for f in fresh.findings] == [f.key for f in monitor.findings]
