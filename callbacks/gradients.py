@@ -8,6 +8,7 @@ The Lightning glue only: which hook, which step. Statistics live in :mod:`diag.s
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import random
 import statistics
@@ -23,7 +24,12 @@ from diag.stats.noise_scale import GradientNoiseScale
 
 from .base import Monitor, check_positive_int
 
+log = logging.getLogger("diag")
+
 EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
+# The half-batch split needs a sample per half. (BatchNorm in training mode refuses a single sample per channel: then
+# the extra pass raises, and the estimate is switched off for the run.)
+MIN_SPLIT_BATCH = 2
 RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss monitor publishes it
 
 
@@ -391,7 +397,7 @@ class GradientMonitor(Monitor):
             b_big = self._window_samples * world
         else:
             size = _batch_size(self._batch)
-            if size < 2:
+            if size < MIN_SPLIT_BATCH:
                 return None
             half = size // 2
             params = [g.params[i] for i in with_grad]
@@ -425,8 +431,14 @@ class GradientMonitor(Monitor):
             setattr(pl_module, name, lambda *a, **k: None)
         self._context.publish(signals.GRAD_EXTRA_PASS, True)
         try:
-            with torch.enable_grad(), trainer.precision_plugin.train_step_context():
-                output = pl_module.training_step(half, self._batch_idx)
+            try:
+                with torch.enable_grad(), trainer.precision_plugin.train_step_context():
+                    output = pl_module.training_step(half, self._batch_idx)
+            except Exception as exc:  # the user's step may refuse half a batch (e.g. BatchNorm on one sample)
+                self.noise_scale_interval = 0
+                log.info("lightning-diag: GradientMonitor stops estimating the gradient noise scale: training_step "
+                         "on half a batch raised %s: %s", type(exc).__name__, exc)
+                return None
             loss = _step_loss(output)
             if loss is None or not loss.requires_grad or loss.dim() != 0:
                 return None
@@ -593,6 +605,8 @@ class GradientMonitor(Monitor):
             index = next((i for i, o in enumerate(optimizers) if id(o) == state_id
                           or id(getattr(o, "optimizer", None)) == state_id), 0)
             per_optimizer[str(index)] = state.state_dict()
+        for index, pending in self._pending_load.items():  # loaded but not yet applied (no sampled step since)
+            per_optimizer.setdefault(str(index), pending)
         return {"optimizers": per_optimizer, "noise": self._noise.state_dict(), "noise_window": [list(x) for x in self._noise_window], "early_losses": list(self._early_losses),
                 "loss_ema": self._loss_ema.state_dict(), "recent_losses": list(self._recent_losses),
                 "probe_requested": self._probe_requested}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from diag.findings import Finding
 from diag.sinks.base import Sink
@@ -13,6 +13,11 @@ from diag.sinks.base import Sink
 log = logging.getLogger("diag")
 
 FILE_NAME = "findings.jsonl"
+
+# Monitors used side by side (each a callback of its own, each with its own sinks) write to the same file: they
+# share one handle, opened (truncated) by the first and closed by the last, so that their lines never overwrite
+# each other. Absolute path -> [file, number of sinks using it].
+_SHARED: Dict[str, list] = {}
 
 
 def findings_path(log_dir: str) -> str:
@@ -33,8 +38,13 @@ class JsonlSink(Sink):
 
     def open(self, findings: Sequence[Finding]) -> None:
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")
+            key = os.path.abspath(self.path)
+            shared = _SHARED.get(key)
+            if shared is None or shared[0].closed:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                shared = _SHARED[key] = [open(self.path, "w", encoding="utf-8"), 0]
+            shared[1] += 1
+            self._file = shared[0]
             for f in findings:  # restored from a checkpoint: the file holds the whole run's findings
                 self._write(f)
         except OSError as exc:
@@ -64,6 +74,14 @@ class JsonlSink(Sink):
 
     def close(self, findings: Sequence[Finding]) -> None:
         if self._file is not None:
+            key = os.path.abspath(self.path)
+            shared = _SHARED.get(key)
+            if shared is not None and shared[0] is self._file:
+                shared[1] -= 1
+                if shared[1] > 0:  # another sink still writes to it
+                    self._file = None
+                    return
+                _SHARED.pop(key, None)
             try:
                 self._file.close()
             except OSError:

@@ -1,0 +1,274 @@
+"""Overhead of ``Diagnostics()`` at its defaults: times ``Trainer.fit`` with and without it, alternating the two
+in one process, and prints the median ratios.
+
+Three workloads (SPEC targets):
+  cnn          a small CNN on 3x32x32 inputs, batch 64               target <= 1.03
+  transformer  a 2-layer Transformer encoder on token sequences      target <= 1.03
+  mlp          a small MLP whose step is mostly Lightning's overhead target <= 1.10
+
+Two figures per workload: ``fit`` (the whole ``Trainer.fit`` wall time, setup included) and ``step`` (the steady
+state: time from the end of the warm-up steps to the end of training, divided by the steps). Each ratio is the
+median over repeats of (with / without), the two runs of a repeat back to back in alternating order.
+``--per-monitor`` also times ``Diagnostics`` with only one monitor switched on, to show where the cost is.
+
+The data are learnable (labels from a fixed random teacher), so that the runs are healthy: the learning-rate
+probe, which runs only when the loss misbehaves, should not run (the output says so when it does).
+
+Threads: by default ``torch.set_num_threads(1)``. On a shared machine, several intra-op threads make timings
+swing with other people's load far more than any monitor costs; one thread keeps the baseline stable, and
+the monitors' work (Python, small reductions) does not use intra-op threads much anyway. ``--threads N`` to
+change it. Data are random tensors made before timing; ``num_workers=0``.
+
+Not collected by pytest (no ``test_`` prefix). Run::
+
+    python tests/benchmarks/overhead.py                       # all three, 5 repeats
+    python tests/benchmarks/overhead.py --models mlp --repeats 9 --per-monitor
+    python tests/benchmarks/overhead.py --device cuda --precision 16-mixed --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+
+from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
+
+MONITOR_ARGS = ("loss_curve", "lr_probe", "gradients", "activations", "fit", "setup_check", "data")
+TARGETS = {"cnn": 1.03, "transformer": 1.03, "mlp": 1.10}
+
+
+# ---- workloads ------------------------------------------------------------------------------------------
+class Workload(pl.LightningModule):
+    def __init__(self, net: nn.Module, loss: Callable, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net, self.loss_fn, self.lr = net, loss, lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", self.loss_fn(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class TokenEncoder(nn.Module):
+    def __init__(self, vocab: int = 1000, d_model: int = 128, heads: int = 4, layers: int = 2, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def make_workload(name: str, seed: int = 0):
+    """(module factory, train loader, val loader, steps per fit default)"""
+    g = torch.Generator().manual_seed(seed)
+    ce = nn.functional.cross_entropy
+    if name == "cnn":
+        x = torch.randn(64 * 16, 3, 32, 32, generator=g)
+        y = (x.mean((2, 3)) @ torch.randn(3, 10, generator=g)).argmax(1)  # learnable: a healthy run
+        batch = 64
+
+        def factory():
+            return Workload(nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10)), ce)
+        steps = 40
+    elif name == "transformer":
+        x = torch.randint(0, 1000, (32 * 16, 64), generator=g)
+        y = ((x.float().mean(1) - 500) / 15 + 5).long().clamp(0, 9)  # learnable from the mean-pooled tokens
+        batch = 32
+
+        def factory():
+            return Workload(TokenEncoder(), ce, lr=3e-4)
+        steps = 40
+    elif name == "mlp":
+        x = torch.randn(64 * 32, 32, generator=g)
+        y = (x @ torch.randn(32, 10, generator=g)).argmax(1)  # a linear teacher: learnable, a healthy run
+        batch = 64
+
+        def factory():
+            return Workload(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), ce)
+        steps = 300
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from cnn, transformer, mlp")
+    n_val = batch * 2
+    train = DataLoader(TensorDataset(x[n_val:], y[n_val:]), batch_size=batch, shuffle=True, drop_last=True)
+    val = DataLoader(TensorDataset(x[:n_val], y[:n_val]), batch_size=batch)
+    return factory, train, val, steps
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+class StepClock(pl.Callback):
+    """Wall time from the start of step ``warmup`` to the end of training (CUDA synchronized)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: Optional[float] = None
+        self.start_step = 0
+        self.end: Optional[float] = None
+        self.end_step = 0
+
+    def _now(self) -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None and trainer.global_step >= self.warmup:
+            self.start, self.start_step = self._now(), trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        self.end, self.end_step = self._now(), trainer.global_step
+
+    def per_step(self) -> float:
+        if self.start is None or self.end is None or self.end_step <= self.start_step:
+            return float("nan")
+        return (self.end - self.start) / (self.end_step - self.start_step)
+
+
+def timed_fit(factory, train, val, steps: int, callback: Optional[pl.Callback], args, root: str) -> Dict[str, float]:
+    pl.seed_everything(0, verbose=False)
+    module = factory()
+    clock = StepClock(warmup=min(args.warmup, steps // 4))
+    callbacks: List[Any] = [clock] + ([callback] if callback is not None else [])
+    trainer = pl.Trainer(default_root_dir=root, logger=TensorBoardLogger(root, name="bench"), max_steps=steps,
+                         max_epochs=-1, accelerator=args.device, devices=1, precision=args.precision,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, val_check_interval=args.val_every if args.val_every else None,
+                         check_val_every_n_epoch=None if args.val_every else 1, limit_val_batches=2,
+                         callbacks=callbacks)
+    if torch.cuda.is_available() and args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.fit(module, train, val)
+    if torch.cuda.is_available() and args.device == "cuda":
+        torch.cuda.synchronize()
+    fit_s = time.perf_counter() - start
+    internal, probes, loud = [], 0, []
+    if isinstance(callback, Diagnostics):
+        internal = [f.message for f in callback.findings if f.code == "diag_internal_error"]
+        probe = callback.monitor(LearningRateProbe)
+        probes = len(probe.results) if probe is not None else 0
+        loud = [f.code for f in callback.findings if f.severity.value != "info"]
+    return {"fit": fit_s, "step": clock.per_step(), "internal_errors": internal, "probes": probes, "warnings": loud}
+
+
+def variants(per_monitor: bool) -> Dict[str, Callable[[], Optional[pl.Callback]]]:
+    out: Dict[str, Callable[[], Optional[pl.Callback]]] = {"diagnostics": lambda: Diagnostics(console=False)}
+    if per_monitor:
+        for name in MONITOR_ARGS:
+            out[f"only_{name}"] = (lambda n=name: Diagnostics(console=False,
+                                                               **{a: a == n for a in MONITOR_ARGS}))
+    return out
+
+
+def bench(name: str, args) -> Dict[str, Any]:
+    factory, train, val, default_steps = make_workload(name)
+    steps = args.steps or default_steps
+    result: Dict[str, Any] = {"workload": name, "steps": steps, "repeats": args.repeats, "variants": {}}
+    with tempfile.TemporaryDirectory() as root:
+        timed_fit(factory, train, val, max(4, steps // 4), None, args, root)  # warm-up: allocator, kernels, imports
+        for variant, make in variants(args.per_monitor).items():
+            timed_fit(factory, train, val, max(4, steps // 4), make(), args, root)
+            base, watched, errors, probes, loud = [], [], [], 0, set()
+            for r in range(args.repeats):
+                order = [False, True] if r % 2 == 0 else [True, False]
+                for with_diag in order:
+                    t = timed_fit(factory, train, val, steps, make() if with_diag else None, args, root)
+                    (watched if with_diag else base).append(t)
+                    errors += t["internal_errors"]
+                    probes += t["probes"]
+                    loud.update(t["warnings"])
+            fit_ratios = [w["fit"] / b["fit"] for b, w in zip(base, watched)]
+            step_ratios = [w["step"] / b["step"] for b, w in zip(base, watched)]
+            result["variants"][variant] = {
+                "fit_ratio": statistics.median(fit_ratios),
+                "step_ratio": statistics.median(step_ratios),
+                "baseline_fit_s": statistics.median(b["fit"] for b in base),
+                "baseline_step_ms": 1e3 * statistics.median(b["step"] for b in base),
+                "watched_step_ms": 1e3 * statistics.median(w["step"] for w in watched),
+                "fit_ratios": fit_ratios, "step_ratios": step_ratios, "internal_errors": sorted(set(errors)),
+                "probe_runs": probes, "warnings_raised": sorted(loud),
+            }
+            v = result["variants"][variant]
+            print(f"{name:12s} {variant:22s} step {v['baseline_step_ms']:8.2f} -> {v['watched_step_ms']:8.2f} ms   "
+                  f"step ratio {v['step_ratio']:.3f}   fit ratio {v['fit_ratio']:.3f}"
+                  + (f"   (target <= {TARGETS[name]})" if variant == "diagnostics" else "")
+                  + (f"   probe ran {probes}x" if probes else "")
+                  + (f"   warnings: {sorted(loud)}" if loud else "")
+                  + (f"   INTERNAL ERRORS: {errors}" if errors else ""), flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cnn", "transformer", "mlp"],
+                        choices=["cnn", "transformer", "mlp"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs per variant (median taken)")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per fit (0: per-workload default)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the per-step time")
+    parser.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: once per epoch)")
+    parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--json", help="write all figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for noisy in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, Lightning {pl.__version__}, device {args.device}, precision {args.precision}, "
+          f"threads {torch.get_num_threads()}, repeats {args.repeats}", flush=True)
+    results = [bench(name, args) for name in args.models]
+    print("\nsummary (Diagnostics() at defaults; median over repeats of with/without):")
+    failed = False
+    for r in results:
+        v = r["variants"]["diagnostics"]
+        ok = v["step_ratio"] <= TARGETS[r["workload"]]
+        failed |= not ok
+        print(f"  {r['workload']:12s} step ratio {v['step_ratio']:.3f}  fit ratio {v['fit_ratio']:.3f}  "
+              f"baseline {v['baseline_step_ms']:.2f} ms/step  target <= {TARGETS[r['workload']]}  "
+              f"{'ok' if ok else 'OVER'}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "torch": torch.__version__, "lightning": pl.__version__,
+                       "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
