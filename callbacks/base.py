@@ -87,7 +87,11 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_args())
+        # Lightning reads state_key on every hook call (profiler names): build the string once.
+        key = self.__dict__.get("_state_key_cache")
+        if key is None:
+            key = self.__dict__["_state_key_cache"] = self._generate_state_key(**self._state_key_args())
+        return key
 
     def _state_key_args(self) -> Dict[str, Any]:
         """Arguments that tell two instances of the same monitor apart (Lightning's ``state_key`` convention)."""

@@ -117,7 +117,7 @@ class LearningRateProbe(Monitor):
         steps: int = DEFAULT_STEPS,
         factors: Sequence[float] = DEFAULT_FACTORS,
         batch_samples: int = DEFAULT_BATCH_SAMPLES,
-        snapshot_interval: int = 50,
+        snapshot_interval: int = 200,
         input_zeroer: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         super().__init__()

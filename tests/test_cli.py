@@ -88,8 +88,8 @@ def run_cli(*args: str, console_script: bool = False) -> subprocess.CompletedPro
 
 
 def test_runs_wrote_the_expected_files(runs):
-    root = os.path.dirname(os.path.dirname(runs["faulty"]))  # .../faulty/lightning_logs
-    assert find_findings_files(os.path.dirname(os.path.dirname(root))) == sorted(
+    parent = Path(runs["faulty"]).parents[2]  # holds faulty/, healthy/, hint/ (and nothing of other tests)
+    assert find_findings_files(str(parent)) == sorted(
         os.path.join(runs[k], "diag", "findings.jsonl") for k in ("faulty", "healthy", "hint"))
     by_name = {k: [f.code for f in load_runs(v)[0].findings] for k, v in runs.items()}
     assert by_name == {"faulty": ["adam_coupled_weight_decay"], "healthy": [], "hint": ["sgd_without_momentum"]}
