@@ -293,7 +293,7 @@ class ActivationMonitor(Monitor):
             if layer.kind == "activation" and layer.module_type in rules.SATURATION_LIMITS:
                 scalars[f"diag/saturated_fraction/{layer.name}"] = summary["saturated_fraction"]
             for verdict in (rules.non_zero_centered(view, signs), rules.dead_units(view),
-                            rules.saturated_activations(view)):
+                            rules.saturated_activations(view, signs)):
                 if verdict is not None:
                     self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
                                 layer=verdict.layer, severity=verdict.severity)

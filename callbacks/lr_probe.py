@@ -27,6 +27,9 @@ log = logging.getLogger("diag")
 # is accepted too.
 KNOWN_REASONS = ("nonfinite_loss", "loss_diverging", "loss_oscillating", "loss_stalled", "loss_plateau",
                  "update_too_small", "update_too_large")
+# Requests that come from the loss itself misbehaving (as opposed to hints such as a small update-to-weight ratio):
+# the first of them is probed even when earlier probes used up the time budget.
+LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_oscillating", "loss_stalled", "loss_plateau")
 
 
 def _no_log(*_args: Any, **_kwargs: Any) -> None:
@@ -153,6 +156,7 @@ class LearningRateProbe(Monitor):
         self._probes_run = 0
         self._preflight_done = False
         self._probed_reasons: set = set()
+        self._symptom_probed = False  # a probe for a loss symptom (LOSS_SYMPTOMS) has run in this fit
         self._snapshot: Optional[WeightSnapshot] = None
         self._snapshot_loss = math.inf
         self._snapshot_tried = 0
@@ -196,8 +200,10 @@ class LearningRateProbe(Monitor):
             reasons.append("preflight")
         if not reasons:
             return
-        if not self._allowed(trainer, pl_module):
+        strong = any(r in LOSS_SYMPTOMS for r in reasons)
+        if not self._allowed(trainer, pl_module, exempt=strong and not self._symptom_probed):
             return
+        self._symptom_probed = self._symptom_probed or strong
         self._probed_reasons.update(reasons)
         self._probe(trainer, pl_module, batch, batch_idx, reasons)
 
@@ -242,7 +248,9 @@ class LearningRateProbe(Monitor):
             self._skip_noted = True
             log.info("lightning-diag: LearningRateProbe did not run: %s", why)
 
-    def _allowed(self, trainer: Any, pl_module: Any) -> bool:
+    def _allowed(self, trainer: Any, pl_module: Any, exempt: bool = False) -> bool:
+        """Whether a probe may run now. ``exempt``: the first probe for a loss symptom runs whatever the time budget
+        (a diagnosis of a visibly broken run is worth one probe; an earlier probe on a weaker hint must not use it up)."""
         if self._probes_run >= self.max_probes:
             self._note_skip(f"max_probes={self.max_probes} reached")
             return False
@@ -255,7 +263,7 @@ class LearningRateProbe(Monitor):
         if self._optimizer(trainer) is None:
             self._note_skip("no optimizer")
             return False
-        if self._probes_run >= 1 and self._fit_started is not None:
+        if self._probes_run >= 1 and self._fit_started is not None and not exempt:
             elapsed = time.perf_counter() - self._fit_started
             last = self._probe_seconds / self._probes_run
             if (self._probe_seconds + last) / (elapsed + last) > self.budget_fraction:  # projected share of the fit
