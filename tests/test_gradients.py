@@ -164,7 +164,9 @@ def test_missing_gradients_detached_branch_names_the_layer(tmp_path):
 
 def test_high_gradient_noise_batch_two_plain_sgd(tmp_path):
     train, val = digits_loaders(batch_size=2, n_train=640)
-    monitor = GradientMonitor()
+    # The rule, on every scheduled estimate: on such cheap steps the default time budget would skip some of them
+    # (examples/05_gradient_noise.py shows the default catching the same fault in a longer run).
+    monitor = GradientMonitor(budget_fraction=1.0)
     fit(tmp_path, Classifier(mlp([64, 64, 32, 10]), lr=0.05, optimizer="sgd"), train, val, [monitor], max_epochs=1)
     found = _find(monitor, "high_gradient_noise")
     assert found and found[0].severity.value == "warning", monitor.findings
@@ -244,7 +246,7 @@ def test_training_is_bitwise_unchanged(tmp_path):
         return module
 
     # every step sampled and a batch split (extra forward/backward with dropout and BatchNorm) every other step
-    monitor = GradientMonitor(interval=1, noise_scale_interval=2)
+    monitor = GradientMonitor(interval=1, noise_scale_interval=2, budget_fraction=1.0)
     with_monitor = run([monitor])
     without = run([])
     assert state_equal(with_monitor, without)
