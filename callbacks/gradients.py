@@ -199,14 +199,6 @@ class GradientMonitor(Monitor):
     def _state_key_args(self) -> Dict[str, Any]:
         return {"interval": self.interval, "warmup_steps": self.warmup_steps}
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads state_key on every hook call (profiler names): build the string once.
-        key = self.__dict__.get("_state_key_cache")
-        if key is None:
-            key = self.__dict__["_state_key_cache"] = self._generate_state_key(**self._state_key_args())
-        return key
-
     # ---- sampling -----------------------------------------------------------------------------------
     def _is_sampled(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.interval == 0

@@ -104,3 +104,9 @@ def test_diagnostics_rejects_bad_arguments():
         Diagnostics(gradients="yes")
     with pytest.raises(TypeError, match="`console` must be True or False"):
         Diagnostics(console=1)
+
+
+def test_readme_explains_every_code():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    missing = [code for code in CATALOGUE if f"`{code}`" not in readme]
+    assert not missing, f"README's code table lacks {missing}"
