@@ -59,7 +59,7 @@ class DataMonitor(Monitor):
         trainer.fit(model, train_loader, val_loader)
     """
 
-    def __init__(self, max_batches: int = 16, max_hashes: int = 100_000, input_key: Optional[Union[str, int]] = None,
+    def __init__(self, max_batches: int = 8, max_hashes: int = 100_000, input_key: Optional[Union[str, int]] = None,
                  target_key: Optional[Union[str, int]] = None,
                  select: Optional[Callable[[Any], Tuple[Any, Any]]] = None) -> None:
         super().__init__()
