@@ -90,6 +90,15 @@ def digits():
     return digits_loaders(n_train=1024)[0]
 
 
+def four_classes():
+    """A 4-class tabular task (scikit-learn's make_classification, standardized): not the digits."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(3000, n_features=20, n_informative=10, n_classes=4, random_state=0)
+    x = (x - x.mean(0)) / x.std(0)
+    return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y))[0]
+
+
 def shuffled_digits():
     x, y = digits_tensors()
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
@@ -108,6 +117,10 @@ SCENARIOS = {
     # learning rate too low
     "sgd_lr1e-5": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-5, optimizer="sgd"), digits, 30, 2, "lr_too_low"),
     "adam_lr1e-7": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-7, optimizer="adam"), digits, 30, 2, "lr_too_low"),
+    # far too low on another data set, asked for by a stall: the sweep must reach 1e5x (nothing moves the loss by 0.1%
+    # up to 100x), and a model that has learned nothing yet is not a label bug
+    "four_classes_sgd_lr1e-5_stalled": (lambda: Classifier(mlp([20, 64, 64, 4]), lr=1e-5, optimizer="sgd"), four_classes,
+                                        58, 2, "lr_too_low", "loss_stalled"),
     # code bugs
     "labels_shuffled": (lambda: Classifier(mlp([64, 64, 10]), lr=1e-3), shuffled_digits, 100, 4, "suspected_code_bug",
                         "loss_stalled"),

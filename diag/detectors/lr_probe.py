@@ -142,7 +142,11 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
                     "the batch")
         checks.insert(0, "remove the softmax at the end of the model: CrossEntropyLoss (F.cross_entropy) expects raw "
                          "logits and applies log-softmax itself; with probabilities its loss cannot fall far")
-    if not seen and not small_model and any(r in STALL_REASONS for r in reasons) and trained_steps >= MIN_TRAINED_STEPS_FOR_ALIGNMENT \
+    # (Only while the current rate trains at all: at a rate far too small nothing is learned yet, so the model ignores
+    # its input for that reason - SGD at 1e-5 on a 4-class MLP: input-use 0.997 at step 58 - and lr_too_low speaks.)
+    current = result.current
+    trains = current is not None and not current.diverged and current.progress >= STALL_PROGRESS
+    if not seen and not small_model and trains and any(r in STALL_REASONS for r in reasons) and trained_steps >= MIN_TRAINED_STEPS_FOR_ALIGNMENT \
             and best is not None and fits(best, chance) \
             and result.samples_heldout >= MIN_HELDOUT_SAMPLES and result.start_heldout_loss > 0 \
             and result.zero_input_start_loss > 0:
