@@ -20,17 +20,29 @@ import torch
 from diag import signals
 from diag.detectors import gradients as rules
 from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, dots, squared_norms
-from diag.stats.budget import TimeBudget
 from diag.stats.noise_scale import GradientNoiseScale
 
-from .base import Monitor, check_fraction, check_positive_int
+from .base import Monitor, check_positive_int
 
 log = logging.getLogger("diag")
 
 EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
-# Sampled steps always taken before the time budget applies: the warm-up's and enough for every rule to have its
-# minimum evidence (missing gradients: 8 samples; zig-zag: 5 pairs) in short runs.
-FREE_SAMPLES = 10
+# Back-off: the first BACKOFF_AFTER samples come at the configured interval (enough for every rule's minimum
+# evidence in short runs: missing gradients 8 samples, zig-zag 5 pairs, noise 10 estimates); from then on the
+# interval doubles each time the step count doubles, up to max_backoff times. A fixed interval costs a fixed share of
+# every step, a tenth of a 3 ms MLP step; the back-off keeps full detail early, when most faults show, and makes the
+# cost shrink on long runs. It depends on the step alone: the same on every DDP rank and every machine.
+BACKOFF_AFTER = 10
+
+
+def backed_off_interval(interval: int, step: int, max_backoff: int) -> int:
+    """The sampling interval at ``step``: ``interval`` until ``2 * BACKOFF_AFTER * interval``, then doubling each time
+    the step count doubles, at most ``max_backoff`` times ``interval``."""
+    start = BACKOFF_AFTER * interval
+    factor = 1
+    while factor < max_backoff and step >= 2 * start * factor:
+        factor *= 2
+    return interval * min(factor, max_backoff)
 # The half-batch split needs a sample per half. (BatchNorm in training mode refuses a single sample per channel: then
 # the extra pass raises, and the estimate is switched off for the run.)
 MIN_SPLIT_BATCH = 2
@@ -150,10 +162,8 @@ class GradientMonitor(Monitor):
             about half a training step each time); ``0`` switches the noise scale off.
         track_updates: measure update-to-weight ratios and update cosines (keeps up to two copies of the parameters
             for two steps after each sampled step).
-        budget_fraction: after the first 10 sampled steps, skip a sampled step whenever the monitor's measuring
-            time would exceed this share of the training time so far (cheap models get a longer effective interval;
-            not applied under DDP, where all ranks must sample alike). The noise scale's half-batch passes
-            count towards it. ``1.0`` disables the budget.
+        max_backoff: after 10 samples at ``interval`` (and 10 noise estimates at ``noise_scale_interval``) the
+            intervals double each time the step count doubles, up to this factor; ``1`` keeps them fixed.
 
     Example::
 
@@ -164,7 +174,7 @@ class GradientMonitor(Monitor):
     """
 
     def __init__(self, interval: int = 20, warmup_steps: int = 5, noise_scale_interval: int = 25,
-                 track_updates: bool = True, budget_fraction: float = 0.03) -> None:
+                 track_updates: bool = True, max_backoff: int = 8) -> None:
         super().__init__()
         self.interval = check_positive_int("interval", interval)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
@@ -172,7 +182,7 @@ class GradientMonitor(Monitor):
         if not isinstance(track_updates, bool):
             raise ValueError(f"`track_updates` must be True or False, got {track_updates!r}.")
         self.track_updates = track_updates
-        self.budget_fraction = check_fraction("budget_fraction", budget_fraction)
+        self.max_backoff = check_positive_int("max_backoff", max_backoff)
         self._states: Dict[int, _OptimizerState] = {}
         self._names: Dict[int, str] = {}
         self._noise = GradientNoiseScale(beta=0.9)  # logged: follows the run
@@ -194,24 +204,23 @@ class GradientMonitor(Monitor):
         self._probe_requested = False
         self._pending_load: Dict[int, Dict[str, Any]] = {}
         self._accumulating = False
-        self._budget = TimeBudget(budget_fraction, FREE_SAMPLES)
 
     def _state_key_args(self) -> Dict[str, Any]:
         return {"interval": self.interval, "warmup_steps": self.warmup_steps}
 
     # ---- sampling -----------------------------------------------------------------------------------
     def _is_sampled(self, step: int) -> bool:
-        return step < self.warmup_steps or step % self.interval == 0
+        return step < self.warmup_steps or step % backed_off_interval(self.interval, step, self.max_backoff) == 0
 
     def _is_noise_step(self, step: int) -> bool:
         if self.noise_scale_interval == 0:
             return False
         # with gradient accumulation the estimate is free (no extra pass): take it on every sampled step too
-        return step % self.noise_scale_interval == 0 or (self._accumulating and self._is_sampled(step))
+        every = backed_off_interval(self.noise_scale_interval, step, self.max_backoff)
+        return step % every == 0 or (self._accumulating and self._is_sampled(step))
 
     # ---- hooks --------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._budget.start()
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
 
@@ -237,19 +246,14 @@ class GradientMonitor(Monitor):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step
-        noise_step = self._is_noise_step(step)
-        # Under DDP every rank must take the same samples (they hold collectives): no time budget there.
-        within = self.world_size() > 1 or self._budget.allows()
-        sampled = self._is_sampled(step) and within
-        noise = noise_step and within
+        noise_step = noise = self._is_noise_step(step)
+        sampled = self._is_sampled(step)
         if sampled or noise:
-            with self._budget.charge():
-                self._measure(trainer, pl_module, optimizer, step, sampled, noise)
+            self._measure(trainer, pl_module, optimizer, step, sampled, noise)
         elif self.track_updates:
             state = self._states.get(id(optimizer))
             if state is not None and state.tracker.pending:
-                with self._budget.charge(sample=False):
-                    self._measure(trainer, pl_module, optimizer, step, False, False)
+                self._measure(trainer, pl_module, optimizer, step, False, False)
         self._backwards_in_window = 0
         if noise_step:
             self._batch, self._window_samples, self._micro_sq = None, 0, None

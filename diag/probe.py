@@ -124,6 +124,7 @@ class ProbeResult:
     from_snapshot: bool = False
     seconds: float = 0.0
     trainable_params: int = 0  # parameters the optimizer trains (capacity, for the code-bug rules)
+    first_last_grad_ratio: float = math.nan  # gradient norm of the first weight matrix over the last one's
 
     def factor(self, f: float) -> Optional[FactorResult]:
         return next((r for r in self.factors if math.isclose(r.factor, f, rel_tol=1e-6)), None)
@@ -464,6 +465,7 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
 
         held_zero_start = math.nan  # set before the zero-input fit
         missing: List[str] = []
+        grad_ratio = [math.nan]  # first / last weight-matrix gradient norm at the first probe step
 
         def train(factor: float, part: Any, held: Any, note_missing: bool = False) -> FactorResult:
             start.restore_weights()
@@ -487,6 +489,12 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                         for p in group["params"]:
                             if p.requires_grad and (p.grad is None or not bool(p.grad.detach().abs().sum() > 0)):
                                 missing.append(names.get(id(p), "?"))
+                    # first and last weight matrices (module order) that get a non-zero gradient: vanishing gradients
+                    weights = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2 and p.grad is not None]
+                    norms = [float(p.grad.detach().float().norm()) for p in (weights[:1] + weights[-1:])] if weights else []
+                    norms = [n for n in norms if n > 0]
+                    if len(norms) == 2 and len(weights) > 1:
+                        grad_ratio[0] = norms[0] / norms[1]
                 opt.step()
                 ran += 1
             final = math.inf if diverged else evaluate(part)
@@ -523,7 +531,8 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                              outputs_look_like_probabilities=_probabilities(output),
                              params_without_gradient=missing, from_snapshot=snapshot is not None,
                              trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]
-                                                  if p.requires_grad))
+                                                  if p.requires_grad),
+                             first_last_grad_ratio=grad_ratio[0])
         best = result.best
         if best is not None:
             torch.manual_seed(PROBE_SEED)

@@ -164,9 +164,7 @@ def test_missing_gradients_detached_branch_names_the_layer(tmp_path):
 
 def test_high_gradient_noise_batch_two_plain_sgd(tmp_path):
     train, val = digits_loaders(batch_size=2, n_train=640)
-    # The rule, on every scheduled estimate: on such cheap steps the default time budget would skip some of them
-    # (examples/05_gradient_noise.py shows the default catching the same fault in a longer run).
-    monitor = GradientMonitor(budget_fraction=1.0)
+    monitor = GradientMonitor()
     fit(tmp_path, Classifier(mlp([64, 64, 32, 10]), lr=0.05, optimizer="sgd"), train, val, [monitor], max_epochs=1)
     found = _find(monitor, "high_gradient_noise")
     assert found and found[0].severity.value == "warning", monitor.findings
@@ -246,7 +244,7 @@ def test_training_is_bitwise_unchanged(tmp_path):
         return module
 
     # every step sampled and a batch split (extra forward/backward with dropout and BatchNorm) every other step
-    monitor = GradientMonitor(interval=1, noise_scale_interval=2, budget_fraction=1.0)
+    monitor = GradientMonitor(interval=1, noise_scale_interval=2, max_backoff=1)
     with_monitor = run([monitor])
     without = run([])
     assert state_equal(with_monitor, without)
@@ -262,3 +260,14 @@ def test_checkpoint_state_round_trips(tmp_path):
     fresh.load_state_dict(state)
     assert fresh._pending_load and fresh._noise.state_dict() == monitor._noise.state_dict()
     assert [f.key for f in fresh.findings] == [f.key for f in monitor.findings]
+
+
+def test_sampling_backs_off_deterministically():
+    from diag.callbacks.gradients import backed_off_interval
+
+    assert [backed_off_interval(20, s, 8) for s in (0, 399, 400, 799, 800, 1600, 10 ** 6)] == [20, 20, 40, 40, 80, 160, 160]
+    assert backed_off_interval(20, 10 ** 6, 1) == 20
+    monitor = GradientMonitor(interval=20, warmup_steps=5)
+    sampled = [s for s in range(2000) if monitor._is_sampled(s)]
+    assert sampled[:7] == [0, 1, 2, 3, 4, 20, 40] and 400 in sampled and 420 not in sampled and 440 in sampled
+    assert len(sampled) < 5 + 2000 // 20 / 2  # less than half the fixed-interval samples over 2,000 steps

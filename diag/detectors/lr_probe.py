@@ -66,6 +66,12 @@ MEMORIZE_PARAMS_PER_SAMPLE = 2
 LOW_LR_HELDOUT_GAIN = 0.1
 
 
+# Vanishing gradients (AutoTrainer's first/last layer ratio, as the GradientMonitor uses): a deep sigmoid MLP under
+# SGD gets 1e-5 of the last layer's gradient in its first layer; no learning rate fits the batch in 30 steps and the
+# output barely depends on the input - a design problem that the gradient monitor names, not a code bug.
+VANISHING_GRAD_RATIO = 1e-3
+
+
 def capacity_limited(result: ProbeResult) -> bool:
     return 0 < result.trainable_params < MEMORIZE_PARAMS_PER_SAMPLE * result.samples_fit
 
@@ -121,9 +127,11 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
     ev: Dict[str, Any] = {}
     best_progress = max((r.progress for r in result.factors if not fails(r, chance)), default=-math.inf)
     lo, hi = min(r.factor for r in result.factors), max(r.factor for r in result.factors)
-    small_model = capacity_limited(result)
+    vanishing = math.isfinite(result.first_last_grad_ratio) and result.first_last_grad_ratio < VANISHING_GRAD_RATIO
+    small_model = capacity_limited(result) or vanishing
     if small_model:
         ev["trainable_params"] = result.trainable_params
+        ev["first_last_grad_ratio"] = result.first_last_grad_ratio
     if best_progress < NO_FIT_PROGRESS and not small_model:
         seen.append(f"no learning rate from {lo:g}x to {hi:g}x the current one fits a {result.samples_fit}-sample batch "
                     f"in {result.steps} steps (best: the loss {_pct(best_progress)})")
@@ -160,6 +168,13 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
             ev.update(input_use_ratio=uses_input, heldout_best_ratio=heldout_gain)
             checks.insert(0, "labels line up with inputs: the same index/shuffle for both, no sort or filter applied to "
                              "only one of them, the right label column")
+    at_current = result.current
+    if not seen and result.params_without_gradient and (at_current is None or at_current.progress < FIT_PROGRESS):
+        # Trainable parameters the loss never reaches (a .detach(), an unused module) while the batch cannot be fitted
+        # at the current rate: the rest of the model may fit it at a huge rate, but that is no learning-rate problem.
+        seen.append(f"{len(result.params_without_gradient)} trainable parameter tensor(s) get no gradient at all "
+                    f"({', '.join(result.params_without_gradient[:3])})")
+        ev["params_without_gradient"] = len(result.params_without_gradient)
     if not seen:
         return None
     if result.params_without_gradient:
