@@ -295,8 +295,7 @@ class ActivationMonitor(Monitor):
             for verdict in (rules.non_zero_centered(view, signs), rules.dead_units(view),
                             rules.saturated_activations(view, signs)):
                 if verdict is not None:
-                    self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
-                                layer=verdict.layer, severity=verdict.severity)
+                    self.report_verdict(verdict)
         self.log_scalars({k: v for k, v in scalars.items() if v == v})  # NaN-free
 
     # ---- checkpoints ---------------------------------------------------------------------------------

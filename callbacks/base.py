@@ -127,6 +127,12 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
                           evidence=dict(evidence or {}), layer=layer)
         return self._context.collector.report(finding, source=self.name)
 
+    def report_verdict(self, verdict: Any) -> Optional[Finding]:
+        """Raise what a rule in :mod:`diag.detectors` concluded (``code``, ``message``, ``advice``, ``evidence`` and,
+        where the rule sets them, ``layer`` and ``severity``; a missing severity is the catalogue's)."""
+        return self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
+                           layer=getattr(verdict, "layer", None), severity=getattr(verdict, "severity", None))
+
     def log_scalars(self, scalars: Mapping[str, float]) -> None:
         """Scalars named ``diag/...`` at the current global step (TensorBoard, or the logger's ``log_metrics``)."""
         self._context.collector.log_scalars(scalars, self.step())

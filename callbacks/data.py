@@ -272,8 +272,7 @@ class DataMonitor(Monitor):
 
     def _raise(self, verdict: Optional[Verdict]) -> None:
         if verdict is not None:
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
-                        layer=verdict.layer, severity=verdict.severity)
+            self.report_verdict(verdict)
 
     def _release(self) -> None:
         for handle in self._handles:

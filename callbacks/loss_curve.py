@@ -235,8 +235,7 @@ class LossCurveMonitor(Monitor):
 
     def _raise(self, verdict: Optional[rules.LossVerdict]) -> None:
         if verdict is not None:
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
-                        severity=verdict.severity)
+            self.report_verdict(verdict)
 
     def _on_nonfinite(self, value: float, step: int) -> None:
         self._raise(rules.nonfinite_loss(value, max(step, 0), self.stats))

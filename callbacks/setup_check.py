@@ -169,8 +169,7 @@ class SetupCheck(Monitor):
     # ---- plumbing -------------------------------------------------------------------------------
     def _raise(self, verdict: Optional[rules.Verdict]) -> None:
         if verdict is not None:
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
-                        layer=verdict.layer, severity=verdict.severity)
+            self.report_verdict(verdict)
 
     def _monitor_state(self) -> Dict[str, Any]:
         return {"normalization_done": self._normalization_done, "escalated": self._escalated}

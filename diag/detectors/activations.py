@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional
+from diag.detectors import Verdict
 
 # ---- shared ---------------------------------------------------------------------------------------
 # "Zero for every sample" only means something when each unit was seen often enough: a unit active on 5% of
@@ -33,16 +34,6 @@ class LayerView:
     feeder: Optional[str] = None  # the last activation module that ran before this weight layer
     feeder_type: Optional[str] = None  # its class name ("Sigmoid"); None for a functional activation
     dead_from_input: bool = False  # judge dead units on this weight layer's input (functional activation)
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    code: str
-    severity: str
-    message: str
-    advice: str
-    evidence: Dict[str, Any]
-    layer: str
 
 
 def _finite(value: Any) -> bool:

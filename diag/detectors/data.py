@@ -1,6 +1,6 @@
 """Rules on the data: inputs not normalized, class imbalance, training/validation overlap.
 
-Each rule reads summaries from :mod:`diag.stats.data` and returns a :class:`~diag.detectors.setup.Verdict` or
+Each rule reads summaries from :mod:`diag.stats.data` and returns a :class:`~diag.detectors.Verdict` or
 ``None``; the ``DataMonitor`` callback turns verdicts into findings.
 """
 
@@ -11,7 +11,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from diag.detectors.setup import Verdict, fmt
+from diag.detectors import Verdict
+from diag.detectors.setup import fmt
 
 # ---- inputs_not_normalized ------------------------------------------------------------------------------
 # LeCun, Bottou, Orr & Müller, "Efficient BackProp" (1998) §4.3: each input variable should have a mean close to

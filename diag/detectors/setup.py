@@ -12,18 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What a rule concluded; the callback reports it as a finding."""
-
-    code: str
-    severity: str
-    message: str
-    advice: str
-    evidence: Dict[str, Any]
-    layer: Optional[str] = None
+from diag.detectors import Verdict
 
 
 def fmt(value: float) -> str:
