@@ -17,7 +17,7 @@ from torch import nn
 from diag.detectors import activations as rules
 from diag.stats.activations import FeatureMoments, summarize_all
 
-from .base import Monitor, check_positive_int
+from .base import Monitor, backed_off_interval, check_positive_int
 
 # Layers whose input we measure (the note's "weight layer"): a per-feature mean, spread and sign.
 _WEIGHT_LAYERS: Tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase)
@@ -80,6 +80,8 @@ class ActivationMonitor(Monitor):
         interval: measure every ``interval``-th optimizer step (other steps cost one integer comparison).
         window: sampled steps pooled before the rules judge (dead means "zero for every sample of the window").
         warmup: optimizer steps to skip before the first sampled step (0: measure the initialization too).
+        max_backoff: after 10 sampled steps at ``interval`` the interval doubles each time the step count doubles, up
+            to this factor (long runs cost less; ``1`` keeps it fixed).
 
     Example::
 
@@ -89,11 +91,12 @@ class ActivationMonitor(Monitor):
         print([(f.code, f.layer) for f in trainer.callbacks[0].findings])
     """
 
-    def __init__(self, interval: int = 10, window: int = 4, warmup: int = 0) -> None:
+    def __init__(self, interval: int = 10, window: int = 4, warmup: int = 0, max_backoff: int = 8) -> None:
         super().__init__()
         self.interval = check_positive_int("interval", interval)
         self.window = check_positive_int("window", window)
         self.warmup = check_positive_int("warmup", warmup, minimum=0)
+        self.max_backoff = check_positive_int("max_backoff", max_backoff)
         self._layers: Dict[str, _Layer] = {}
         self._plan: List[Tuple[nn.Module, str, str, str]] = []  # (module, name, role, type name)
         self._handles: List[Any] = []
@@ -217,7 +220,8 @@ class ActivationMonitor(Monitor):
         self._build_plan(pl_module)
 
     def _is_sampled(self, step: int) -> bool:
-        return step >= self.warmup and (step - self.warmup) % self.interval == 0
+        since = step - self.warmup
+        return since >= 0 and since % backed_off_interval(self.interval, since, self.max_backoff) == 0
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._is_sampled(int(trainer.global_step)):

@@ -19,33 +19,18 @@ import torch
 
 from diag import signals
 from diag.detectors import gradients as rules
-from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, dots, squared_norms
+from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms
 from diag.stats.noise_scale import GradientNoiseScale
 
-from .base import Monitor, check_positive_int
+from .base import BACKOFF_AFTER, Monitor, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
 
 log = logging.getLogger("diag")
 
 EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
-# Back-off: the first BACKOFF_AFTER samples come at the configured interval (enough for every rule's minimum
-# evidence in short runs: missing gradients 8 samples, zig-zag 5 pairs, noise 10 estimates); from then on the
-# interval doubles each time the step count doubles, up to max_backoff times. A fixed interval costs a fixed share of
-# every step, a tenth of a 3 ms MLP step; the back-off keeps full detail early, when most faults show, and makes the
-# cost shrink on long runs. It depends on the step alone: the same on every DDP rank and every machine.
-BACKOFF_AFTER = 10
-
-
-def backed_off_interval(interval: int, step: int, max_backoff: int) -> int:
-    """The sampling interval at ``step``: ``interval`` until ``2 * BACKOFF_AFTER * interval``, then doubling each time
-    the step count doubles, at most ``max_backoff`` times ``interval``."""
-    start = BACKOFF_AFTER * interval
-    factor = 1
-    while factor < max_backoff and step >= 2 * start * factor:
-        factor *= 2
-    return interval * min(factor, max_backoff)
 # The half-batch split needs a sample per half. (BatchNorm in training mode refuses a single sample per channel: then
 # the extra pass raises, and the estimate is switched off for the run.)
 MIN_SPLIT_BATCH = 2
+QUARTER_SPLIT_MIN_BATCH = 16  # from this batch size on the extra pass takes a quarter of it (at least 4 samples)
 RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss monitor publishes it
 
 
@@ -148,10 +133,10 @@ class GradientMonitor(Monitor):
     ``zigzag_updates`` (only while the loss improves slowly), ``high_gradient_noise``.
 
     Noise-scale sources (McCandlish et al. 2018, appendix A.1): with ``accumulate_grad_batches > 1`` the first
-    micro-batch's gradient vs the accumulated one (free); otherwise the gradient of half of the sampled batch,
-    recomputed with ``training_step`` at the same parameters through ``torch.autograd.grad`` (``.grad``, RNG states,
-    buffers such as BatchNorm statistics and ``self.log`` calls are left untouched). Under DDP the small estimate is
-    each rank's local (micro- or half-) batch gradient, its squared norm averaged across ranks, and the big one the
+    micro-batch's gradient vs the accumulated one (free); otherwise the gradient of a quarter of the sampled batch
+    (half, below 16 samples), recomputed with ``training_step`` at the same parameters through
+    ``torch.autograd.grad`` (``.grad``, RNG states, buffers such as BatchNorm statistics and ``self.log`` calls are
+    left untouched). Under DDP the small estimate is each rank's local (micro- or quarter-) batch gradient, its squared norm averaged across ranks, and the big one the
     all-reduced gradient of the global batch. Assumes the loss is a mean over samples. Skipped under manual
     optimization.
 
@@ -159,7 +144,7 @@ class GradientMonitor(Monitor):
         interval: measure every ``interval``-th optimizer step (after the warm-up).
         warmup_steps: measure each of the first ``warmup_steps`` optimizer steps (defines the early gradient level).
         noise_scale_interval: estimate the noise scale every ``noise_scale_interval``-th step (the batch split costs
-            about half a training step each time); ``0`` switches the noise scale off.
+            about a quarter of a training step each time); ``0`` switches the noise scale off.
         track_updates: measure update-to-weight ratios and update cosines (keeps up to two copies of the parameters
             for two steps after each sampled step).
         max_backoff: after 10 samples at ``interval`` (and 10 noise estimates at ``noise_scale_interval``) the
@@ -321,26 +306,22 @@ class GradientMonitor(Monitor):
         trainable = [i for i, p in enumerate(g.params) if p.requires_grad]
         with_grad = [i for i in trainable if g.params[i].grad is not None]
         grads = [g.params[i].grad.detach() for i in with_grad]
-        pieces = [squared_norms(grads)] if grads else []
+        # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio)
+        pieces = [squared_norms(grads + [g.params[i].detach() for i in with_grad])] if grads else []
         device = grads[0].device if grads else torch.device("cpu")
         clip_val = getattr(trainer, "gradient_clip_val", None)
         algorithm = str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower()
         if clip_val and algorithm.endswith("value") and grads:
             pieces.append(torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))]).amax()[None].float())
-        if grads:  # weight norms of the same parameters: gradient-to-weight ratio (plateau evidence)
-            pieces.append(squared_norms([g.params[i].detach() for i in with_grad]).sum()[None].to(device))
         if update is not None:
             pieces.extend(u.to(device) for u in update.values())
         small = self._noise_small(trainer, pl_module, g, with_grad) if noise else None
         values = torch.cat(pieces).tolist() if pieces else []  # the one host sync of this step
         n = len(with_grad)
-        param_sq, rest = values[:n], values[n:]
+        param_sq, weight_total_sq, rest = values[:n], sum(values[n:2 * n]), values[2 * n:]
         max_abs = None
         if clip_val and algorithm.endswith("value") and grads:
             max_abs, rest = rest[0], rest[1:]
-        weight_total_sq = 0.0
-        if grads:
-            weight_total_sq, rest = rest[0], rest[1:]
         total_sq = sum(param_sq)
         if small is not None and math.isfinite(total_sq):
             pairs, b_big = small
@@ -412,17 +393,19 @@ class GradientMonitor(Monitor):
             size = _batch_size(self._batch)
             if size < MIN_SPLIT_BATCH:
                 return None
-            half = size // 2
+            # The extra pass runs on a quarter of the batch (half of a small one): its cost is a fraction of a step,
+            # and a smaller part makes 1/b_small - 1/b_big larger, which conditions the estimate better.
+            part = size // 4 if size >= QUARTER_SPLIT_MIN_BATCH else size // 2
             params = [g.params[i] for i in with_grad]
-            first = self._half_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, half), params)
+            first = self._half_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, part), params)
             if first is None:
                 return None
             first_sq, dot, big_sq = first
-            # The other half needs no pass: G_big = (h G_a + (B-h) G_b) / B, so G_b = (B G_big - h G_a) / (B-h).
-            rest = size - half
-            second_sq = (size ** 2 * big_sq - 2 * size * half * dot + half ** 2 * first_sq) / rest ** 2
-            # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first half is usable.
-            pairs = [(first_sq, half), (second_sq, rest)] if world == 1 else [(first_sq, half)]
+            # The rest needs no pass: G_big = (h G_a + (B-h) G_b) / B, so G_b = (B G_big - h G_a) / (B-h).
+            rest = size - part
+            second_sq = (size ** 2 * big_sq - 2 * size * part * dot + part ** 2 * first_sq) / rest ** 2
+            # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first part is usable.
+            pairs = [(first_sq, part), (second_sq, rest)] if world == 1 else [(first_sq, part)]
             b_big = size * world
         if world > 1:  # every rank reaches this at the same (globally sampled) step: average the local estimates
             local = torch.tensor([sq for sq, _ in pairs], device=device, dtype=torch.float64)
@@ -460,8 +443,7 @@ class GradientMonitor(Monitor):
             big = [p.grad.detach() for gr, p in zip(grads, params) if gr is not None]
             if not mine:
                 return None
-            values = torch.stack([squared_norms(mine).sum(), dots(mine, big).sum(), squared_norms(big).sum()])
-            first_sq, dot, big_sq = values.double().tolist()
+            first_sq, big_sq, dot = norms_and_dots(mine, big).sum(1).tolist()
             return first_sq, dot, big_sq
         finally:
             self._context.publish(signals.GRAD_EXTRA_PASS, False)

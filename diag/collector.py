@@ -29,6 +29,8 @@ class FindingsCollector:
         self._sinks: List[Sink] = list(sinks)
         self._dirty = False
         self._flushed = False
+        self._scalars: Dict[str, float] = {}  # scalars of one step not yet handed to the sinks
+        self._scalars_step: Optional[int] = None
 
     # ---- findings -------------------------------------------------------------------------------
     @property
@@ -83,17 +85,32 @@ class FindingsCollector:
         self._flushed = False
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Queue ``scalars`` for ``step``; the sinks get each step's scalars at once, in one write (TensorBoard:
+        one event) at the next :meth:`flush`, or earlier when scalars of another step arrive."""
         if not scalars:
             return
+        if self._scalars and step != self._scalars_step:
+            self.write_scalars()
+        self._scalars_step = step
+        self._scalars.update(scalars)
+
+    def write_scalars(self) -> None:
+        """Hand the queued scalars to the sinks now."""
+        if not self._scalars:
+            return
+        scalars, step = self._scalars, self._scalars_step
+        self._scalars, self._scalars_step = {}, None
         for sink in self._sinks:
-            sink.log_scalars(scalars, step)
+            sink.log_scalars(scalars, step if step is not None else 0)
 
     def flush(self, step: int, force: bool = False) -> None:
-        """Let the sinks rewrite what shows all findings (e.g. the TensorBoard table), if they changed.
+        """Write the queued scalars and let the sinks rewrite what shows all findings (e.g. the TensorBoard table),
+        if they changed.
 
         ``force`` writes even without a change when nothing was written since :meth:`open` (so that a run with
         no findings still shows an empty table); the table is never rewritten unchanged.
         """
+        self.write_scalars()
         if not (self._dirty or (force and not self._flushed)):
             return
         self._dirty = False
@@ -102,6 +119,7 @@ class FindingsCollector:
             sink.flush(self._findings, step)
 
     def close(self) -> None:
+        self.write_scalars()
         for sink in self._sinks:
             sink.close(self._findings)
         self._sinks = []

@@ -177,7 +177,13 @@ class FitHistory:
 
 
 class RunningMean:
-    """Mean of a stream of scalar tensors, summed on their device: no host sync until :meth:`compute`."""
+    """Mean of a stream of scalar tensors without a host sync until :meth:`compute`.
+
+    ``update`` keeps a reference to the detached value (no kernel launch); every ``FOLD`` values are summed on
+    their device with one kernel, so memory stays bounded however long the stream.
+    """
+
+    FOLD = 64
 
     def __init__(self) -> None:
         self.reset()
@@ -185,15 +191,28 @@ class RunningMean:
     def reset(self) -> None:
         self.total: Optional[torch.Tensor] = None
         self.count = 0
+        self._pending: List[torch.Tensor] = []
 
     def update(self, value: torch.Tensor) -> None:
         value = value.detach()
         if value.dim() or value.dtype != torch.float32:
             value = value.float().mean()
-        self.total = value.clone() if self.total is None else self.total + value
+        self._pending.append(value)
         self.count += 1
+        if len(self._pending) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        if any(t.device != self._pending[0].device for t in self._pending):  # the model moved between devices
+            self._pending = [t.to(self._pending[0].device) for t in self._pending]
+        part = torch.stack(self._pending).sum()
+        self._pending = []
+        self.total = part if self.total is None else self.total.to(part.device) + part
 
     def mean_tensor(self) -> Optional[torch.Tensor]:
+        self._fold()
         return None if self.total is None or self.count == 0 else self.total / self.count
 
     def compute(self) -> float:

@@ -61,6 +61,11 @@ class LayerGrouping:
         out = torch.zeros(len(self.layers), dtype=per_param.dtype, device=per_param.device)
         return out.index_add_(0, index, per_param)
 
+    def layer_sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`layer_sum` of each row of a ``(k, parameters)`` tensor in one kernel: ``(k, layers)``."""
+        out = torch.zeros(rows.shape[0], len(self.layers), dtype=rows.dtype, device=rows.device)
+        return out.index_add_(1, self.index_on(rows.device), rows)
+
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Squared L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync)."""
@@ -75,14 +80,25 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return stacked * stacked
 
 
+def norms_and_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[|a_i|², |b_i|², <a_i, b_i>]`` for each pair, as a float64 ``(3, n)`` tensor from one batched norm.
+
+    ``<a, b> = (|a + b|² − |a|² − |b|²) / 2``: three lists of norms in a single ``_foreach_norm`` instead of one
+    reduction per tensor (exact enough for a cosine: the error is ~1e-7 of ``|a||b|`` in float32).
+    """
+    a, b = list(a), list(b)
+    n = len(a)
+    if n == 0:
+        return torch.zeros(3, 0, dtype=torch.float64)
+    sq = squared_norms(a + b + list(torch._foreach_add(a, b))).double().reshape(3, n)
+    return torch.stack([sq[0], sq[1], (sq[2] - sq[0] - sq[1]) / 2])
+
+
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """``<a_i, b_i>`` for each pair, as one float32 vector (no host sync)."""
     if not a:
         return torch.zeros(0)
-    # <a, b> = (|a + b|² − |a|² − |b|²) / 2 with three batched norms instead of one reduction per tensor; computed in
-    # float64 from float32 norms, exact enough for a cosine (|error| ~ 1e-7 of |a||b|).
-    total = squared_norms(torch._foreach_add(list(a), list(b))).double()
-    return ((total - squared_norms(a).double() - squared_norms(b).double()) / 2).float()
+    return norms_and_dots(a, b)[2].float()
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -182,17 +198,23 @@ class UpdateTracker:
         continue_pair = False
         if self._snapshot is not None:
             delta = self._snapshot
-            torch._foreach_mul_(delta, -1.0)
-            torch._foreach_add_(delta, params)  # Δθ = θ_now − θ_before, in place in the snapshot buffer
-            delta_sq = squared_norms(delta)
+            # −Δθ = θ_before − θ_now, in place in the snapshot buffer (one kernel; the sign is the same for both
+            # updates of a pair, so norms and the cosine are those of Δθ)
+            torch._foreach_sub_(delta, params)
             g = self.grouping
-            out = {"update_sq": g.layer_sum(delta_sq), "weight_sq": g.layer_sum(self._snapshot_sq)}
             if self._previous_delta is not None:
-                out["dot"] = g.layer_sum(dots(delta, self._previous_delta))
-                out["previous_update_sq"] = g.layer_sum(self._previous_delta_sq)
+                # |Δθ_t|², |Δθ_{t-1}|² (recomputed: same batched norm) and <Δθ_t, Δθ_{t-1}> in one pass
+                sq = norms_and_dots(delta, self._previous_delta)
+                rows = torch.cat([sq[0:1].float(), self._snapshot_sq[None], sq[2:3].float(), sq[1:2].float()])
+                per_layer = g.layer_sum_rows(rows)
+                out = {"update_sq": per_layer[0], "weight_sq": per_layer[1], "dot": per_layer[2],
+                       "previous_update_sq": per_layer[3]}
                 self._previous_delta = self._previous_delta_sq = None
                 self._snapshot = self._snapshot_sq = None
             else:
+                delta_sq = squared_norms(delta)
+                per_layer = g.layer_sum_rows(torch.stack([delta_sq, self._snapshot_sq]))
+                out = {"update_sq": per_layer[0], "weight_sq": per_layer[1]}
                 self._previous_delta, self._previous_delta_sq = delta, delta_sq
                 self._snapshot = self._snapshot_sq = None
                 continue_pair = True
