@@ -98,6 +98,7 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._is_root = True
         self._disabled = False
         self._trainer: Any = None
+        self._owner_hooks: Optional[Dict[str, List["Monitor"]]] = None  # the hook table of a composing Diagnostics
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -130,6 +131,14 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         """Share ``context`` with a composing callback, which then owns the sinks."""
         self._context = context
         self._is_root = False
+
+    def _retire(self, hook: str) -> None:
+        """Stop receiving ``hook`` from a composing :class:`Diagnostics` for the rest of this fit, once the monitor has
+        nothing left to do in it (a monitor used alone keeps its early return). On a ~4 ms step every call of a
+        finished hook is a measurable cost: cold caches make even an early return cost microseconds."""
+        table = self._owner_hooks
+        if table is not None and self in table.get(hook, ()):
+            table[hook] = [m for m in table[hook] if m is not self]  # a new list: a running loop keeps its own
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0

@@ -106,7 +106,8 @@ class DataMonitor(Monitor):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._epochs_seen > 0 or (self._inputs_done and self._labels_done and self._train_hashing_done):
-            return  # nothing left to measure: an integer comparison per step
+            self._retire("on_train_batch_start")  # nothing left to measure
+            return
         parts = self._parts(batch)
         if parts is None:
             return
@@ -172,6 +173,8 @@ class DataMonitor(Monitor):
             self._raw_inputs = None
         if not self._inputs_done and self._input_batches >= self.max_batches:
             self._judge_inputs()
+        if not self._handles and (self._inputs_done or self._epochs_seen > 0):
+            self._retire("on_train_batch_end")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._epochs_seen == 0:

@@ -101,11 +101,19 @@ class Diagnostics(Monitor):
         self.monitors: List[Monitor] = [m for m in chosen if m is not None]
         for monitor in self.monitors:
             monitor._attach(self._context)
-        self._hooked: Dict[str, List[Monitor]] = {
-            hook: [m for m in self.monitors if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
-                   or hook in ("setup", "on_fit_start", "teardown")]
-            for hook in _FORWARDED_HOOKS
-        }
+        self._hooked: Dict[str, List[Monitor]] = {}
+        self._build_hook_table()
+
+    def _build_hook_table(self) -> None:
+        """Which monitors get which hook: those that implement it. Monitors retire from per-step hooks they are done
+        with (see :meth:`Monitor._retire`); every fit starts from the full table again."""
+        self._hooked.clear()
+        for hook in _FORWARDED_HOOKS:
+            self._hooked[hook] = [m for m in self.monitors
+                                  if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
+                                  or hook in ("setup", "on_fit_start", "teardown")]
+        for monitor in self.monitors:
+            monitor._owner_hooks = self._hooked
 
     @property
     def findings(self) -> List[Finding]:
@@ -118,6 +126,12 @@ class Diagnostics(Monitor):
 
     for _hook in _FORWARDED_HOOKS:
         locals()[_hook] = _make_forwarder(_hook)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Restores the full hook table (a second fit with the same callback) and hands ``setup`` to every monitor."""
+        self._build_hook_table()
+        for monitor in self._hooked["setup"]:
+            monitor.setup(trainer, pl_module, stage)
     del _hook
 
     def _release(self) -> None:

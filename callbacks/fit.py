@@ -26,6 +26,9 @@ def _finite(x: Any) -> bool:
 
 
 def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
+    if type(outputs) is dict:  # what Lightning hands over: checked first, the Mapping ABC check is slow per step
+        loss = outputs.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
     if isinstance(outputs, torch.Tensor):
         return outputs
     if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):

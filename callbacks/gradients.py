@@ -216,6 +216,9 @@ class GradientMonitor(Monitor):
             self._window_samples += _batch_size(batch)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if not self._accumulating:
+            self._retire("on_after_backward")  # the count only matters within an accumulation window
+            return
         self._backwards_in_window += 1
         if (self._backwards_in_window == 1 and trainer.accumulate_grad_batches > 1
                 and self._is_noise_step(trainer.global_step) and pl_module.automatic_optimization):

@@ -110,6 +110,8 @@ class SetupCheck(Monitor):
     # ---- normalization layers -------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.check_normalization or self._normalization_done or self._handles:
+            if not self._handles:
+                self._retire("on_train_batch_start")
             return
         for name, module in hookable_modules(pl_module):
             if rules.is_batchnorm(module):
@@ -141,6 +143,9 @@ class SetupCheck(Monitor):
             self._judge_normalization(pl_module, self._armed_batch)
             self._armed_batch = None
         self._check_escalation()
+        if not self._handles and (self._normalization_done or not self.check_normalization) and (
+                not self._plain_sgd or self._escalated):
+            self._retire("on_train_batch_end")
 
     def _judge_normalization(self, pl_module: Any, batch: Any) -> None:
         self._normalization_done = True

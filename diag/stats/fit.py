@@ -194,7 +194,8 @@ class RunningMean:
         self._pending: List[torch.Tensor] = []
 
     def update(self, value: torch.Tensor) -> None:
-        value = value.detach()
+        if value.requires_grad:  # (Lightning hands over a detached copy: no kernel on the common path)
+            value = value.detach()
         if value.dim() or value.dtype != torch.float32:
             value = value.float().mean()
         self._pending.append(value)
