@@ -9,7 +9,8 @@ Cost: each step keeps a reference to the detached 0-d loss tensor (no kernel lau
 run. On GPU this avoids a host-device sync per step (which would stop the CPU from queueing the next step); on CPU a
 per-step ``.item()`` would be just as cheap, and one code path serves both. With gradient accumulation the
 micro-batch losses of one optimizer step are averaged on the device (one small kernel per micro-batch). The only
-other work is on the very first batch (forward hooks that read the output width, removed right after). Measured on an
+other work is on the very first batch (forward hooks that read the output width and check once whether the output
+looks like probabilities, one host sync; removed right after). Measured on an
 H100 machine (MLP on digits): the hook costs a median 28 us per step on GPU (mean 97 us with the 10-step read,
 which waits for the queued kernels; ~2% of a 4.2 ms step) and 22 us on CPU (mean 38 us; ~1.3% of a 2.9 ms step).
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from diag import signals
 from diag.detectors import loss_curve as rules
+from diag.probe import looks_like_probabilities
 from diag.stats.loss import LossStatistics
 
 from .base import Monitor, check_fraction, check_positive_float, check_positive_int
@@ -47,7 +49,11 @@ class LossCurveMonitor(Monitor):
     ``accumulate_grad_batches``; with manual optimization returning nothing, the logged ``train_loss``), one value
     per optimizer step, into a bias-corrected EMA and a fixed window. Publishes ``signals.LOSS_*`` for the other
     monitors and asks the learning-rate probe to run when the loss is non-finite, diverging, oscillating, or stalled
-    near its start after the warm-up. Logs ``diag/loss`` and ``diag/loss_smoothed`` every ``sync_every`` steps.
+    near its start after the warm-up; when a burst of huge losses lifts the smoothed loss above ``diverge_factor`` x its
+    start at any time (an ``info`` ``loss_diverging``; the probe replays the start of training); and when a classifier's
+    outputs on the first batch look like probabilities and its loss is still near ln C after the warm-up (softmax fed
+    to cross-entropy, or a legitimate softmax + log + NLL: the probe tells which). Logs ``diag/loss`` and
+    ``diag/loss_smoothed`` every ``sync_every`` steps.
 
     Args:
         num_classes: class count of a classifier trained with cross-entropy, for the initial-loss check against
@@ -122,6 +128,10 @@ class LossCurveMonitor(Monitor):
         self._hook_handles: List[Any] = []
         self._seen_output: Optional[Tuple[int, ...]] = None  # shape of the module's output on the first batch
         self._seen_linear: Optional[Tuple[int, ...]] = None  # shape of the last Linear's output on the first batch
+        # whether the model's output on the first batch looked like probabilities (rows in [0, 1] summing to 1): the
+        # top module's output, else whether an nn.Softmax ran after the last Linear
+        self._outputs_probabilities: Optional[bool] = None
+        self._softmax_after_linear = False
 
     # ---- the loss, from what Lightning hands over -------------------------------------------------
     def _loss_from(self, trainer: Any, outputs: Any) -> Optional[Tuple[torch.Tensor, int]]:
@@ -152,25 +162,36 @@ class LossCurveMonitor(Monitor):
         if self._initial_checked or self._hook_handles:
             return
         # First training batch: read the output width with forward hooks (no extra forward pass), removed at
-        # the end of this batch. They record shapes only.
-        self._seen_output = self._seen_linear = None
+        # the end of this batch. They record shapes, and whether the output looks like probabilities.
+        self._seen_output = self._seen_linear = self._outputs_probabilities = None
+        self._softmax_after_linear = False
         self._hook_handles.append(pl_module.register_forward_hook(self._record_output))
         for module in pl_module.modules():
             if isinstance(module, nn.Linear):
                 self._hook_handles.append(module.register_forward_hook(self._record_linear))
+            elif isinstance(module, nn.Softmax):
+                self._hook_handles.append(module.register_forward_hook(self._record_softmax))
 
     def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and self._seen_output is None:
             self._seen_output = tuple(output.shape)
+            self._outputs_probabilities = looks_like_probabilities(output)  # once per fit: one host sync
 
     def _record_linear(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
             self._seen_linear = tuple(output.shape)  # the last Linear to run wins: the output head
+            self._softmax_after_linear = False
+
+    def _record_softmax(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and self._seen_linear is not None:
+            self._softmax_after_linear = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         found = self._loss_from(trainer, outputs)
         if not self._initial_checked and (self._hook_handles or found is not None):
             self._release()
+            if self._outputs_probabilities is None:  # the top module's forward did not run (training_step used a submodule)
+                self._outputs_probabilities = self._softmax_after_linear
             self._initial_checked = True
             if found is not None:
                 self._check_initial_loss(found[0].float() * found[1], batch)
@@ -281,6 +302,7 @@ class LossCurveMonitor(Monitor):
         self.log_scalars(scalars)
         warming_up = self._lr_rising()  # read at every check, so a rise between any two checks is seen
         if not past_warmup:
+            self._check_spike()
             return
 
         diverging = rules.loss_diverging(stats, factor=self.diverge_factor, chance_level=self._chance_level())
@@ -290,6 +312,7 @@ class LossCurveMonitor(Monitor):
                 self._request_probe("loss_diverging")
             self._oscillation_checks = 0
         else:
+            self._check_spike()
             evidence = rules.oscillation_evidence(stats, swing_ratio=self.oscillation_swing_ratio,
                                                   chance_level=self._chance_level())
             self._oscillation_checks = self._oscillation_checks + 1 if evidence is not None else 0
@@ -300,6 +323,8 @@ class LossCurveMonitor(Monitor):
                     self._request_probe("loss_oscillating")
 
         chance = self._chance_level()
+        if rules.probabilities_near_chance(stats, bool(self._outputs_probabilities), chance):
+            self._request_probe("probability_outputs")  # softmax fed to cross-entropy, or a legitimate NLL: the probe tells
         if warming_up:
             self._flat_since, self._stall_checks = None, 0  # a learning-rate warm-up in progress: a flat loss is expected
             return
@@ -316,6 +341,16 @@ class LossCurveMonitor(Monitor):
         else:
             self._flat_since = None
 
+    def _check_spike(self) -> None:
+        """A burst of huge losses (the smoothed loss above ``diverge_factor`` x its start) that the sustained divergence
+        rule does not see: an ``info``; for a classifier the probe replays the start of training to say why."""
+        chance = self._chance_level()
+        spike = rules.loss_spike(self.stats, factor=self.diverge_factor, chance_level=chance)
+        if spike is not None:
+            self._raise(spike)
+            if chance is not None:
+                self._request_probe("loss_spike")
+
     def _lr_rising(self) -> bool:
         """Whether the first optimizer's learning rate rose since the last check (a warm-up schedule)."""
         try:
@@ -331,7 +366,7 @@ class LossCurveMonitor(Monitor):
         return {"stats": self.stats.state_dict(), "inferred_classes": self._inferred_classes,
                 "initial_checked": self._initial_checked, "flat_since": self._flat_since,
                 "oscillation_checks": self._oscillation_checks, "stall_checks": self._stall_checks,
-                "probe_requests": sorted(self._requested),
+                "probe_requests": sorted(self._requested), "outputs_probabilities": self._outputs_probabilities,
                 "last_raw": self._last_raw}
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
@@ -342,6 +377,7 @@ class LossCurveMonitor(Monitor):
         self._oscillation_checks = int(state.get("oscillation_checks", 0))
         self._stall_checks = int(state.get("stall_checks", 0))
         self._requested = set(state.get("probe_requests", []))
+        self._outputs_probabilities = state.get("outputs_probabilities")
         self._last_raw = state.get("last_raw")
 
 

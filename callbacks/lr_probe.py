@@ -25,11 +25,17 @@ log = logging.getLogger("diag")
 
 # The reasons other monitors give when they ask for a probe (``context.request_probe(reason)``); any other string
 # is accepted too.
-KNOWN_REASONS = ("nonfinite_loss", "loss_diverging", "loss_oscillating", "loss_stalled", "loss_plateau",
-                 "update_too_small", "update_too_large")
+KNOWN_REASONS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscillating", "loss_stalled", "loss_plateau",
+                 "probability_outputs", "update_too_small", "update_too_large")
 # Requests that come from the loss itself misbehaving (as opposed to hints such as a small update-to-weight ratio):
 # the first of them is probed even when earlier probes used up the time budget.
-LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_oscillating", "loss_stalled", "loss_plateau")
+LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscillating", "loss_stalled", "loss_plateau",
+                 "probability_outputs")
+# A burst of huge losses that the run recovered from: the current weights no longer show what caused it (Adam at
+# lr=0.5 on two moons, probed at step 10 from the current weights: lr_ok in 4 of 5 initializations, the current rate
+# now fits the batch), so the probe replays from the last snapshot, saved before the burst (from there the current
+# rate diverges on the batch and 1/10 of it fits it, in 5 of 5).
+REPLAY_REASONS = ("loss_spike",)
 
 
 def _no_log(*_args: Any, **_kwargs: Any) -> None:
@@ -65,8 +71,9 @@ SNAPSHOT_MAX_PARAMETERS = 50_000_000
 class LearningRateProbe(Monitor):
     """Sweeps the learning rate on a frozen batch when the loss misbehaves: LR too high, too low, or a code bug.
 
-    When another monitor asks for it (the loss monitor on non-finite, diverging, oscillating or stalled loss, via
-    ``context.request_probe``) or once at ``preflight_step``, it takes the batch Lightning just trained on,
+    When another monitor asks for it (the loss monitor on non-finite, diverging, oscillating or stalled loss, on a
+    burst of huge losses, or on probability outputs stuck near chance, via ``context.request_probe``) or once at
+    ``preflight_step``, it takes the batch Lightning just trained on,
     trains throw-away copies of the current state on half of it for ``steps`` steps at each learning-rate factor
     (1e-2 ... 1e2 of the current rate, extended when the best sits at an edge), fits the same batch with zeroed
     inputs, and then puts everything back (weights, buffers, grads, optimizer, schedulers, RNG states, modes).
@@ -85,7 +92,9 @@ class LearningRateProbe(Monitor):
     starts and replaced every ``snapshot_interval`` steps only when the batch loss is finite and lower than at the
     snapshot, so it holds the best state seen, not one that training has since wrecked. When no learning rate fits
     the batch from the current weights, the probe asks again from the snapshot: if the batch fits from there, the
-    training wrecked the weights (``lr_too_high``), it is not the code.
+    training wrecked the weights (``lr_too_high``), it is not the code. A burst of huge losses that training recovered
+    from (request ``loss_spike``) is probed from the snapshot too: it was saved before the burst, the current weights
+    no longer show what caused it.
 
     Cost: each probe is ``len(factors) + 1`` short fits of ``steps`` steps on ``batch_samples / 2`` samples, about
     the time of 100 training steps at the default settings (measured: 0.66 s, 7.7% of a 660-step digits MLP fit).
@@ -274,11 +283,15 @@ class LearningRateProbe(Monitor):
     def _probe(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, reasons: List[str]) -> None:
         optimizer = self._optimizer(trainer)
         snapshot = None
+        replay = False  # probing from the snapshot because the symptom lies in the past (REPLAY_REASONS)
         if not weights_finite(pl_module) or not optimizer_state_finite(optimizer.state_dict()):
             snapshot = self._snapshot
             if snapshot is None:
                 self._note_skip("weights are non-finite and there is no finite snapshot to start from")
                 return
+        elif any(r in REPLAY_REASONS for r in reasons) and self._snapshot is not None \
+                and self._snapshot.step < int(trainer.global_step):
+            snapshot, replay = self._snapshot, True
 
         def loss_fn(b: Any) -> torch.Tensor:
             out = pl_module.training_step(b, batch_idx)
@@ -293,7 +306,11 @@ class LearningRateProbe(Monitor):
         if result is None:
             self._note_skip("the batch could not be split, or its loss is not a positive finite number")
             return
-        verdict = judge(result, trained_steps=int(trainer.global_step), reasons=reasons)
+        trained = snapshot.step if replay else int(trainer.global_step)
+        verdict = judge(result, trained_steps=trained, reasons=reasons)
+        if replay and verdict.code != "lr_ok":
+            verdict.message = (verdict.message.rstrip(".") + f" (probed from the weights of step {snapshot.step}, saved "
+                               f"before the loss spiked by step {int(trainer.global_step)}).")
         if verdict.code == "suspected_code_bug" and snapshot is None and self._snapshot is not None \
                 and self._snapshot.step < int(trainer.global_step) and "best_progress" in verdict.evidence:
             # Nothing fits from the current weights: training may have wrecked them (units that died at a too-high

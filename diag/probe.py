@@ -377,8 +377,10 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 # ---- the probe ----------------------------------------------------------------------------------------------
-def _probabilities(output: Any) -> bool:
-    """Do the model's outputs look like probabilities (each row in [0, 1] and summing to 1 over the last axis)?"""
+def looks_like_probabilities(output: Any) -> bool:
+    """Do the model's outputs look like probabilities (each row in [0, 1] and summing to 1 over the last axis)?
+
+    One host sync. Also read by the loss monitor on the first batch (softmax fed to cross-entropy)."""
     if isinstance(output, (list, tuple)) and output:
         output = output[0]
     if isinstance(output, dict):
@@ -528,7 +530,7 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
         result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=_batch_len(fit_part) or 0,
                              samples_heldout=_batch_len(held_part) or 0, start_loss=start_loss,
                              start_heldout_loss=start_held, factors=sorted(results, key=lambda r: r.factor),
-                             outputs_look_like_probabilities=_probabilities(output),
+                             outputs_look_like_probabilities=looks_like_probabilities(output),
                              params_without_gradient=missing, from_snapshot=snapshot is not None,
                              trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]
                                                   if p.requires_grad),

@@ -140,6 +140,62 @@ def test_oscillating_loss(tmp_path):
     assert "loss_oscillating" in monitor.context.probe_requests
 
 
+def moons_data():
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(2000, noise=0.2, random_state=0)
+    x = (x - x.mean(0)) / x.std(0)
+    return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+
+
+def test_early_burst_is_an_info_and_asks_the_probe(tmp_path):
+    """Adam at lr=0.5: the loss jumps ~10-100x within 3 steps and recovers before the warm-up ends."""
+    torch.manual_seed(1000)
+    monitor = run(tmp_path, mlp([2, 32, 32, 2]), lr=0.5, epochs=1, data=moons_data())
+    spike = next(f for f in monitor.findings if f.code == "loss_diverging")
+    assert spike.severity.value == "info" and spike.evidence["transient"] == 1
+    assert spike.evidence["ratio_to_start"] > 3 and spike.step <= 10  # the first check, inside the warm-up
+    assert monitor.context.probe_requests == ["loss_spike"]  # the probe replays the start and decides
+    assert not codes(monitor.findings)
+    torch.manual_seed(1000)
+    healthy = run(tmp_path, mlp([2, 32, 32, 2]), lr=1e-2, epochs=1, data=moons_data())
+    assert not healthy.findings and healthy.context.probe_requests == []
+
+
+def four_class_data():
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(3000, n_features=20, n_informative=10, n_classes=4, random_state=0)
+    x = (x - x.mean(0)) / x.std(0)
+    return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+
+
+class SubmoduleClassifier(Classifier):
+    """``training_step`` calls the network directly (the LightningModule's own forward never runs)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self.net(x), y)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["through_forward", "submodule_softmax"])
+def test_probability_outputs_near_chance_ask_the_probe(tmp_path, direct):
+    """Softmax fed to cross-entropy: seen on the first batch (the output, or an nn.Softmax after the last Linear)."""
+    torch.manual_seed(1000)
+    net = nn.Sequential(mlp([20, 64, 64, 4]), nn.Softmax(1))
+    monitor = LossCurveMonitor()
+    module = (SubmoduleClassifier if direct else Classifier)(net, lr=1e-3)
+    fit(tmp_path, module, four_class_data()[0], None, [monitor], max_epochs=2, logger=False)
+    assert monitor._outputs_probabilities is True
+    assert monitor.context.probe_requests == ["probability_outputs"]
+    assert not codes(monitor.findings)  # the probe, when attached, decides (see tests/test_lr_probe.py)
+    torch.manual_seed(1000)
+    logits = LossCurveMonitor()
+    fit(tmp_path, (SubmoduleClassifier if direct else Classifier)(mlp([20, 64, 64, 4]), lr=1e-3), four_class_data()[0],
+        None, [logits], max_epochs=2, logger=False)
+    assert logits._outputs_probabilities is False and logits.context.probe_requests == []
+
+
 def test_plateau_of_a_deep_sigmoid_net(tmp_path):
     monitor = run(tmp_path, deep_sigmoid_tiny_init(), lr=0.01, optimizer="sgd", batch_size=16, epochs=2)
     plateau = [f for f in monitor.findings if f.code == "loss_plateau"]

@@ -422,3 +422,82 @@ def test_bad_arguments(kwargs, match):
         LearningRateProbe(**kwargs)
     with pytest.raises(TypeError, match="input_zeroer"):
         LearningRateProbe(input_zeroer=3)
+
+
+# ---- end to end: the loss monitor's triggers and the probe's verdict in one fit --------------------------------
+def moons():
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(2000, noise=0.2, random_state=0)
+    x = (x - x.mean(0)) / x.std(0)
+    return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y))[0]
+
+
+def four_classes_shuffled():
+    loader = four_classes()
+    x, y = loader.dataset.tensors
+    return loaders_from(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))], val_fraction=0)[0]
+
+
+def softmax_then_nll(probabilities, y):
+    """Legitimate: a model that outputs probabilities, with the log taken in the loss."""
+    return F.nll_loss(torch.log(probabilities.clamp_min(1e-12)), y)
+
+
+# scenario -> (model factory, loader factory, epochs, expected verdict or None for healthy, the request that must lead
+# to it). Healthy twins: the same task with the fault removed must raise no warning or error and not run the probe
+# (it costs about 100 training steps), except where noted.
+END_TO_END = {
+    # Adam at lr=0.5: the loss jumps ~10-100x within 3 steps, then recovers; units die on the way
+    "moons_adam_lr0.5_spike": (lambda: Classifier(mlp([2, 32, 32, 2]), lr=0.5), moons, 1, "lr_too_high", "loss_spike"),
+    "moons_adam_lr1e-2": (lambda: Classifier(mlp([2, 32, 32, 2]), lr=1e-2), moons, 2, None, None),
+    # labels permuted: the loss stalls at ln 4; the batch can be memorized but nothing carries over to held-out samples
+    "four_classes_shuffled_labels": (lambda: Classifier(mlp([20, 64, 64, 4]), lr=1e-3), four_classes_shuffled, 2,
+                                     "suspected_code_bug", "loss_stalled"),
+    "four_classes_adam": (lambda: Classifier(mlp([20, 64, 64, 4]), lr=1e-3), four_classes, 2, None, None),
+    # softmax fed to cross-entropy: the loss falls slowly towards a floor far above zero
+    "four_classes_softmax_into_cross_entropy": (lambda: Classifier(nn.Sequential(mlp([20, 64, 64, 4]), nn.Softmax(1)),
+                                                                   lr=1e-3), four_classes, 2, "suspected_code_bug",
+                                                "probability_outputs"),
+}
+
+
+def run_end_to_end(tmp_path, make_model, make_loader, epochs):
+    diagnostics = Diagnostics(gradients=False, activations=False, fit=False, setup_check=False, data=False,
+                              console=False, jsonl=False, tensorboard=False)
+    torch.manual_seed(1000)  # the model's initialization
+    model, loader = make_model(), make_loader()
+    fit(tmp_path, model, loader, None, [diagnostics], max_epochs=epochs, logger=False)
+    return diagnostics, diagnostics.monitor(LearningRateProbe)
+
+
+@pytest.mark.parametrize("name", list(END_TO_END))
+def test_loss_monitor_triggers_reach_the_right_verdict(tmp_path, name):
+    make_model, make_loader, epochs, expected, reason = END_TO_END[name]
+    diagnostics, probe = run_end_to_end(tmp_path, make_model, make_loader, epochs)
+    detail = "; ".join(f"{f.severity.value} {f.code}: {f.message}" for f in diagnostics.findings)
+    if expected is None:
+        assert not codes(diagnostics.findings), detail
+        assert probe.results == [] and diagnostics.context.probe_requests == [], detail
+        return
+    assert codes(diagnostics.findings) & VERDICTS == {expected}, detail
+    finding = next(f for f in diagnostics.findings if f.code == expected)
+    assert finding.evidence["trigger"] == reason, detail
+    if reason == "loss_spike":  # replayed from the weights saved before the burst
+        assert probe.results[0].from_snapshot and "probed from the weights of step 0" in finding.message
+        assert finding.evidence["loss_fraction@x1"] == "diverged" and finding.evidence["suggested_lr"] < 0.5
+        spike = next(f for f in diagnostics.findings if f.code == "loss_diverging")
+        assert spike.severity.value == "info" and spike.evidence["ratio_to_start"] > 3
+    if reason == "probability_outputs":
+        assert "softmax" in finding.advice.split("(2)")[0]
+    if reason == "loss_stalled":
+        assert "labels line up with inputs" in finding.advice.split("(2)")[0]
+
+
+def test_probability_outputs_with_the_log_in_the_loss_are_no_bug(tmp_path):
+    """A model may output probabilities legitimately: the monitor asks the probe (once) and the probe clears it."""
+    make = lambda: Classifier(nn.Sequential(mlp([20, 64, 64, 4]), nn.Softmax(1)), lr=1e-3,  # noqa: E731
+                              loss_fn=softmax_then_nll)
+    diagnostics, probe = run_end_to_end(tmp_path, make, four_classes, 2)
+    assert not codes(diagnostics.findings), [f.message for f in diagnostics.findings]
+    assert len(probe.results) <= 1

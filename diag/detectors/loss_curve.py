@@ -98,6 +98,45 @@ def loss_diverging(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
     )
 
 
+# ---- loss_diverging, transient: a spike ----------------------------------------------------------------------
+# The same CS231n rule ("if the cost is ever > 3 * original cost"), on the smoothed loss alone and from the first check
+# on (no warm-up, no sustained median): a burst of huge losses that the run then recovers from. Measured: Adam at
+# lr=0.5 on two moons (5 initializations) jumps from 0.7 to raw losses of 18-85 within 3 steps; its EMA is 5.0-16x the
+# first loss at step 10, and the median of the last 10 losses is back below 3x by step 20-40 in some of them, so the
+# sustained rule above never speaks; units die on the way (the run settles 3-4x above its healthy twin). Healthy runs:
+# the EMA never exceeds 1.00x the first loss at any check (17-run healthy zoo, from step 10 on). A spike alone does not
+# say why (one bad batch, a too-high learning rate): an ``info``, and the probe, replayed from the weights saved before
+# the spike, decides. Without a chance level (regression, a second fit from trained weights whose start is tiny and
+# noisy) only the ``info``, no probe request.
+def loss_spike(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
+               chance_level: Optional[float] = None) -> Optional[LossVerdict]:
+    start, smoothed = stats.start, stats.smoothed
+    if start is None or stats.initial is None or smoothed is None:
+        return None
+    start = min(start, stats.initial)
+    if start <= 0:
+        return None
+    limit = factor * start
+    if chance_level is not None:
+        limit = max(limit, chance_level)
+    if smoothed <= limit:
+        return None
+    recent = stats.recent_level(DIVERGE_RECENT_STEPS)
+    return LossVerdict(
+        "loss_diverging",
+        f"The smoothed training loss jumped to {smoothed:.4g}, {smoothed / start:.3g}x its starting value {start:.4g}, "
+        f"by step {stats.count} (median of the last {min(DIVERGE_RECENT_STEPS, len(stats.window))} losses "
+        f"{recent:.4g}): a burst of very large losses.",
+        "A burst this early usually means the learning rate is too high for the start of training: lower it (try 1/10) "
+        "or add learning-rate warm-up, and clip gradients (gradient_clip_val=1.0); the learning-rate probe, when "
+        "attached, replays the start of training at several rates and says whether the rate caused it.",
+        {"smoothed_loss": _r(smoothed), "start_loss": _r(start), "recent_median_loss": _r(recent),
+         "ratio_to_start": _r(smoothed / start), "threshold_ratio": factor, "chance_level": _r(chance_level),
+         "steps_seen": stats.count, "transient": 1},
+        "info",
+    )
+
+
 # ---- loss_oscillating -------------------------------------------------------------------------------------
 # Swing ratio = min(swing/level, swing/(start - best)) (see LossStatistics.swing_ratio), judged only when the window
 # made no net progress (TheDeepChecker checks fluctuation "without decrease" over a window). Measured, on windows
@@ -216,6 +255,20 @@ def loss_plateau(stats: LossStatistics, flat_steps: int, chance_level: Optional[
          "window_relative_progress": _r(stats.relative_progress()), "gradients": grads},
         severity,
     )
+
+
+# ---- outputs that look like probabilities, stuck near chance -------------------------------------------------
+# The classic bug of feeding softmax probabilities to CrossEntropyLoss (which applies log-softmax itself): its loss is
+# bounded below (C = 4: by -1 + ln(e + 3) = 0.74 = 0.54 ln C) and its gradients are scaled down, so it falls slowly
+# and never far - neither flat enough for the stall rule nor rising. The loss monitor sees the model's output on the
+# first batch: rows in [0, 1] summing to 1. A model may output probabilities legitimately (softmax, then log and NLL in
+# the loss), so this alone is no finding; when such a classifier's loss is also still near the chance level after the
+# warm-up (window median >= PLATEAU_NEAR_START x ln C; softmax into cross-entropy on a 4-class task: 0.98-0.99 x ln C
+# at step 40 over 5 initializations), the monitor asks the probe, whose sweep tells the two apart (no learning rate
+# fits a batch through a bounded loss).
+def probabilities_near_chance(stats: LossStatistics, outputs_are_probabilities: bool,
+                              chance_level: Optional[float]) -> bool:
+    return bool(outputs_are_probabilities) and chance_level is not None and near_start(stats, chance_level)
 
 
 # ---- unexpected_initial_loss ------------------------------------------------------------------------------
