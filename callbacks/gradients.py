@@ -30,6 +30,7 @@ EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
 # The half-batch split needs a sample per half. (BatchNorm in training mode refuses a single sample per channel: then
 # the extra pass raises, and the estimate is switched off for the run.)
 MIN_SPLIT_BATCH = 2
+NOISE_RARE_FACTOR = 4  # noise estimates this many times rarer at batches where they can only be information
 QUARTER_SPLIT_MIN_BATCH = 16  # from this batch size on the extra pass takes a quarter of it (at least 4 samples)
 RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss monitor publishes it
 
@@ -144,7 +145,9 @@ class GradientMonitor(Monitor):
         interval: measure every ``interval``-th optimizer step (after the warm-up).
         warmup_steps: measure each of the first ``warmup_steps`` optimizer steps (defines the early gradient level).
         noise_scale_interval: estimate the noise scale every ``noise_scale_interval``-th step (the batch split costs
-            about a quarter of a training step each time); ``0`` switches the noise scale off.
+            about a quarter of a training step each time); at batches of 16 samples or more, where the gradient noise
+            can only be an ``info`` finding, 4 times less often (unless accumulating or under DDP). ``0`` switches
+            the noise scale off.
         track_updates: measure update-to-weight ratios and update cosines (keeps up to two copies of the parameters
             for two steps after each sampled step).
         max_backoff: after 10 samples at ``interval`` (and 10 noise estimates at ``noise_scale_interval``) the
@@ -189,6 +192,7 @@ class GradientMonitor(Monitor):
         self._probe_requested = False
         self._pending_load: Dict[int, Dict[str, Any]] = {}
         self._accumulating = False
+        self._noise_rarity = 1  # noise_scale_interval multiplier (see _set_noise_rarity)
 
     def _state_key_args(self) -> Dict[str, Any]:
         return {"interval": self.interval, "warmup_steps": self.warmup_steps}
@@ -201,15 +205,29 @@ class GradientMonitor(Monitor):
         if self.noise_scale_interval == 0:
             return False
         # with gradient accumulation the estimate is free (no extra pass): take it on every sampled step too
-        every = backed_off_interval(self.noise_scale_interval, step, self.max_backoff)
+        every = backed_off_interval(self.noise_scale_interval * self._noise_rarity, step, self.max_backoff)
         return step % every == 0 or (self._accumulating and self._is_sampled(step))
+
+    def _set_noise_rarity(self, trainer: Any, batch: Any) -> None:
+        """The extra pass costs a quarter of a step. Noise can be the problem (a warning) only below
+        ``NOISE_WARNING_MAX_BATCH`` samples; at larger batches the estimate is information, taken ``NOISE_RARE_FACTOR``
+        times less often. Decided on the first batch; under DDP (ranks must agree) and with accumulation (the estimate
+        is free) the interval stays as configured."""
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if self._accumulating or world > 1 or _batch_size(batch) < rules.NOISE_WARNING_MAX_BATCH:
+            self._noise_rarity = 1
+        else:
+            self._noise_rarity = NOISE_RARE_FACTOR
 
     # ---- hooks --------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
+        self._noise_rarity = 0  # decided on the first batch of this fit
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._noise_rarity == 0:
+            self._set_noise_rarity(trainer, batch)
         if self._is_noise_step(trainer.global_step):
             if self._batch is None or self._backwards_in_window == 0:
                 self._batch, self._batch_idx = batch, batch_idx
