@@ -17,7 +17,7 @@ from torch import nn
 from diag.detectors import activations as rules
 from diag.stats.activations import FeatureMoments, summarize_all
 
-from .base import Monitor, backed_off_interval, check_positive_int
+from .base import Monitor, Schedule, check_positive_int
 
 # Layers whose input we measure (the note's "weight layer"): a per-feature mean, spread and sign.
 _WEIGHT_LAYERS: Tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase)
@@ -97,6 +97,7 @@ class ActivationMonitor(Monitor):
         self.window = check_positive_int("window", window)
         self.warmup = check_positive_int("warmup", warmup, minimum=0)
         self.max_backoff = check_positive_int("max_backoff", max_backoff)
+        self._schedule = Schedule(self.interval, self.max_backoff, offset=self.warmup)
         self._layers: Dict[str, _Layer] = {}
         self._plan: List[Tuple[nn.Module, str, str, str]] = []  # (module, name, role, type name)
         self._handles: List[Any] = []
@@ -217,11 +218,11 @@ class ActivationMonitor(Monitor):
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._schedule = Schedule(self.interval, self.max_backoff, offset=self.warmup)
         self._build_plan(pl_module)
 
     def _is_sampled(self, step: int) -> bool:
-        since = step - self.warmup
-        return since >= 0 and since % backed_off_interval(self.interval, since, self.max_backoff) == 0
+        return self._schedule.due(step)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._is_sampled(int(trainer.global_step)):

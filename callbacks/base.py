@@ -46,6 +46,27 @@ def backed_off_interval(interval: int, step: int, max_backoff: int) -> int:
     return interval * min(factor, max_backoff)
 
 
+
+class Schedule:
+    """The steps at multiples of a backed-off interval (:func:`backed_off_interval`), counted from ``offset``, and every
+    step below ``dense_until``. :meth:`due` costs one comparison on the steps between two events: it caches the next
+    one (recomputed once an event has passed, or when the step goes backwards)."""
+
+    def __init__(self, interval: int, max_backoff: int, offset: int = 0, dense_until: int = 0) -> None:
+        self.interval, self.max_backoff, self.offset, self.dense_until = interval, max_backoff, offset, dense_until
+        self._from, self._next = 0, -1
+
+    def due(self, step: int) -> bool:
+        if step < self.dense_until:
+            return True
+        since = step - self.offset
+        if since < 0:
+            return False
+        if since > self._next or since < self._from:
+            every = backed_off_interval(self.interval, since, self.max_backoff)
+            self._from, self._next = since, -(-since // every) * every  # the next multiple at or after ``since``
+        return since == self._next
+
 def _guard(name: str, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def guarded(self: "Monitor", *args: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,7 @@ from diag.detectors import gradients as rules
 from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms
 from diag.stats.noise_scale import GradientNoiseScale
 
-from .base import BACKOFF_AFTER, Monitor, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
+from .base import BACKOFF_AFTER, Monitor, Schedule, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
 
 log = logging.getLogger("diag")
 
@@ -193,20 +193,24 @@ class GradientMonitor(Monitor):
         self._pending_load: Dict[int, Dict[str, Any]] = {}
         self._accumulating = False
         self._noise_rarity = 1  # noise_scale_interval multiplier (see _set_noise_rarity)
+        self._build_schedules()
 
     def _state_key_args(self) -> Dict[str, Any]:
         return {"interval": self.interval, "warmup_steps": self.warmup_steps}
 
     # ---- sampling -----------------------------------------------------------------------------------
+    def _build_schedules(self) -> None:
+        self._samples = Schedule(self.interval, self.max_backoff, dense_until=self.warmup_steps)
+        self._noise_steps = Schedule(max(1, self.noise_scale_interval) * max(1, self._noise_rarity), self.max_backoff)
+
     def _is_sampled(self, step: int) -> bool:
-        return step < self.warmup_steps or step % backed_off_interval(self.interval, step, self.max_backoff) == 0
+        return self._samples.due(step)
 
     def _is_noise_step(self, step: int) -> bool:
         if self.noise_scale_interval == 0:
             return False
         # with gradient accumulation the estimate is free (no extra pass): take it on every sampled step too
-        every = backed_off_interval(self.noise_scale_interval * self._noise_rarity, step, self.max_backoff)
-        return step % every == 0 or (self._accumulating and self._is_sampled(step))
+        return self._noise_steps.due(step) or (self._accumulating and self._samples.due(step))
 
     def _set_noise_rarity(self, trainer: Any, batch: Any) -> None:
         """The extra pass costs a quarter of a step. Noise can be the problem (a warning) only below
@@ -218,12 +222,14 @@ class GradientMonitor(Monitor):
             self._noise_rarity = 1
         else:
             self._noise_rarity = NOISE_RARE_FACTOR
+        self._build_schedules()
 
     # ---- hooks --------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
         self._noise_rarity = 0  # decided on the first batch of this fit
+        self._build_schedules()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._noise_rarity == 0:

@@ -288,3 +288,22 @@ def test_noise_estimates_are_rarer_where_they_can_only_be_information():
     assert noise_steps(8) == list(range(0, 200, 25))  # small batch: noise may be the problem, every 25 steps
     assert noise_steps(64) == [0, 100]  # 4x rarer: the finding can only be info
     assert noise_steps(64, world_size=2) == list(range(0, 200, 25))  # ranks must agree: as configured
+
+
+def test_schedule_matches_the_backed_off_interval_in_any_step_order():
+    import random
+
+    from diag.callbacks.base import Schedule
+    from diag.callbacks.gradients import backed_off_interval
+
+    rng = random.Random(0)
+    for interval, max_backoff, offset, dense in [(20, 8, 0, 5), (10, 8, 3, 0), (25, 1, 0, 0), (7, 4, 0, 2)]:
+        def brute(s):
+            since = s - offset
+            return s < dense or (since >= 0 and since % backed_off_interval(interval, since, max_backoff) == 0)
+
+        in_order = Schedule(interval, max_backoff, offset, dense)
+        assert [in_order.due(s) for s in range(4000)] == [brute(s) for s in range(4000)]
+        shuffled = Schedule(interval, max_backoff, offset, dense)  # resumed or restarted fits can step backwards
+        steps = [rng.randrange(4000) for _ in range(2000)]
+        assert [shuffled.due(s) for s in steps] == [brute(s) for s in steps]
