@@ -50,9 +50,9 @@ class LossCurveMonitor(Monitor):
     per optimizer step, into a bias-corrected EMA and a fixed window. Publishes ``signals.LOSS_*`` for the other
     monitors and asks the learning-rate probe to run when the loss is non-finite, diverging, oscillating, or stalled
     near its start after the warm-up; when a burst of huge losses lifts the smoothed loss above ``diverge_factor`` x its
-    start at any time (an ``info`` ``loss_diverging``; the probe replays the start of training); and when a classifier's
-    outputs on the first batch look like probabilities and its loss is still near ln C after the warm-up (softmax fed
-    to cross-entropy, or a legitimate softmax + log + NLL: the probe tells which). Logs ``diag/loss`` and
+    start at any time (an ``info`` ``loss_diverging``; the probe replays the start of training); and once after the
+    warm-up when a classifier's outputs on the first batch looked like probabilities (softmax fed to cross-entropy, or
+    a legitimate softmax + log + NLL: the probe tells which). Logs ``diag/loss`` and
     ``diag/loss_smoothed`` every ``sync_every`` steps.
 
     Args:
@@ -323,7 +323,7 @@ class LossCurveMonitor(Monitor):
                     self._request_probe("loss_oscillating")
 
         chance = self._chance_level()
-        if rules.probabilities_near_chance(stats, bool(self._outputs_probabilities), chance):
+        if rules.probabilities_to_probe(stats, bool(self._outputs_probabilities), chance):
             self._request_probe("probability_outputs")  # softmax fed to cross-entropy, or a legitimate NLL: the probe tells
         if warming_up:
             self._flat_since, self._stall_checks = None, 0  # a learning-rate warm-up in progress: a flat loss is expected

@@ -120,6 +120,7 @@ class ProbeResult:
     zero_input_heldout_loss: float = math.nan  # on zeroed B after the steps
     real_input_final_loss: float = math.nan  # on A after the steps at that factor (same as the factor's final_loss)
     outputs_look_like_probabilities: bool = False
+    probability_width: int = 0  # when the outputs look like probabilities: their width (the class count C)
     params_without_gradient: List[str] = dataclasses.field(default_factory=list)
     from_snapshot: bool = False
     seconds: float = 0.0
@@ -377,14 +378,19 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 # ---- the probe ----------------------------------------------------------------------------------------------
-def looks_like_probabilities(output: Any) -> bool:
-    """Do the model's outputs look like probabilities (each row in [0, 1] and summing to 1 over the last axis)?
-
-    One host sync. Also read by the loss monitor on the first batch (softmax fed to cross-entropy)."""
+def _main_output(output: Any) -> Any:
     if isinstance(output, (list, tuple)) and output:
         output = output[0]
     if isinstance(output, dict):
         output = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+    return output
+
+
+def looks_like_probabilities(output: Any) -> bool:
+    """Do the model's outputs look like probabilities (each row in [0, 1] and summing to 1 over the last axis)?
+
+    One host sync. Also read by the loss monitor on the first batch (softmax fed to cross-entropy)."""
+    output = _main_output(output)
     if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() < 2 or output.shape[-1] < 2:
         return False
     out = output.detach().float()
@@ -527,10 +533,12 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                 results.append(train(ordered[0].factor / 10, fit_part, held_part))
             else:
                 break
+        probabilities = looks_like_probabilities(output)
         result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=_batch_len(fit_part) or 0,
                              samples_heldout=_batch_len(held_part) or 0, start_loss=start_loss,
                              start_heldout_loss=start_held, factors=sorted(results, key=lambda r: r.factor),
-                             outputs_look_like_probabilities=looks_like_probabilities(output),
+                             outputs_look_like_probabilities=probabilities,
+                             probability_width=int(_main_output(output).shape[-1]) if probabilities else 0,
                              params_without_gradient=missing, from_snapshot=snapshot is not None,
                              trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]
                                                   if p.requires_grad),

@@ -179,7 +179,7 @@ class SubmoduleClassifier(Classifier):
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["through_forward", "submodule_softmax"])
-def test_probability_outputs_near_chance_ask_the_probe(tmp_path, direct):
+def test_probability_outputs_ask_the_probe_once(tmp_path, direct):
     """Softmax fed to cross-entropy: seen on the first batch (the output, or an nn.Softmax after the last Linear)."""
     torch.manual_seed(1000)
     net = nn.Sequential(mlp([20, 64, 64, 4]), nn.Softmax(1))

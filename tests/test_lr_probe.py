@@ -433,6 +433,44 @@ def moons():
     return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y))[0]
 
 
+def wine():
+    from sklearn.datasets import load_wine
+
+    x, y = load_wine(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    return loaders_from(torch.tensor(x, dtype=torch.float32), torch.tensor(y), batch_size=16)[0]
+
+
+class WaveConv(nn.Module):
+    """A 1-D conv net over a sequence of 32 samples, 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(),
+                               nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.f(x.unsqueeze(1))
+
+
+def waves(n: int = 1200, length: int = 32):
+    """Noisy sine, square and triangle waves of random frequency and phase: which kind is it?"""
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 1, length)
+    freq, phase = 2 + 4 * torch.rand(n, 1, generator=g), 6.28 * torch.rand(n, 1, generator=g)
+    kind = torch.randint(0, 3, (n,), generator=g)
+    sine = torch.sin(6.28 * freq * t + phase)
+    x = torch.where(kind[:, None] == 0, sine, torch.where(kind[:, None] == 1, torch.sign(sine), torch.asin(sine)))
+    return loaders_from(x + 0.3 * torch.randn(n, length, generator=g), kind, val_fraction=0)[0]
+
+
+def seeded(seed, make):
+    def build():
+        torch.manual_seed(seed)
+        return make()
+    return build
+
+
 def four_classes_shuffled():
     loader = four_classes()
     x, y = loader.dataset.tensors
@@ -459,6 +497,19 @@ END_TO_END = {
     "four_classes_softmax_into_cross_entropy": (lambda: Classifier(nn.Sequential(mlp([20, 64, 64, 4]), nn.Softmax(1)),
                                                                    lr=1e-3), four_classes, 2, "suspected_code_bug",
                                                 "probability_outputs"),
+    # the same bug on 3 classes: the loss quickly flattens at its floor ln(e + 2) - 1 = 0.55, which is half of ln 3, so
+    # "no learning rate fits the batch" alone cannot tell (the best factor removes 50%); the floor can
+    "wine_softmax_into_cross_entropy": (lambda: Classifier(nn.Sequential(mlp([13, 32, 3]), nn.Softmax(1)), lr=0.05,
+                                                           optimizer="sgd", momentum=0.9), wine, 6, "suspected_code_bug",
+                                        "probability_outputs"),
+    # SGD+momentum at lr=20: the loss bursts in the first steps; replayed from the start, 1x diverges on the batch and
+    # 1/100 of it lowers the loss without fitting the batch in the probe's 30 steps (this initialization)
+    "waves_conv1d_sgd_lr20_spike": (seeded(1002, lambda: Classifier(WaveConv(), lr=20.0, optimizer="sgd", momentum=0.9)),
+                                    waves, 1, "lr_too_high", "loss_spike"),
+    "waves_conv1d_sgd_lr0.05": (seeded(1002, lambda: Classifier(WaveConv(), lr=0.05, optimizer="sgd", momentum=0.9)),
+                                waves, 2, None, None),
+    "wine_sgd_momentum": (lambda: Classifier(mlp([13, 32, 3]), lr=0.05, optimizer="sgd", momentum=0.9), wine, 6, None,
+                          None),
 }
 
 
@@ -490,8 +541,23 @@ def test_loss_monitor_triggers_reach_the_right_verdict(tmp_path, name):
         assert spike.severity.value == "info" and spike.evidence["ratio_to_start"] > 3
     if reason == "probability_outputs":
         assert "softmax" in finding.advice.split("(2)")[0]
+        assert len(probe.results) == 1  # asked once, after the warm-up
     if reason == "loss_stalled":
         assert "labels line up with inputs" in finding.advice.split("(2)")[0]
+
+
+def test_cross_entropy_floor_on_probabilities_matches_brute_force():
+    from diag.detectors.lr_probe import cross_entropy_floor_on_probabilities
+
+    for classes in (2, 3, 4, 10):
+        floor = cross_entropy_floor_on_probabilities(classes)
+        one_hot = torch.eye(classes)  # each row predicts its own class with probability 1
+        assert F.cross_entropy(one_hot, torch.arange(classes)).item() == pytest.approx(floor, rel=1e-6)
+        g = torch.Generator().manual_seed(classes)
+        rows = torch.distributions.Dirichlet(torch.full((classes,), 0.3)).sample((5000,))
+        targets = torch.randint(0, classes, (5000,), generator=g)
+        per_sample = F.cross_entropy(rows, targets, reduction="none")
+        assert per_sample.min().item() >= floor - 1e-6  # no probability row scores below it
 
 
 def test_probability_outputs_with_the_log_in_the_loss_are_no_bug(tmp_path):
