@@ -1,4 +1,5 @@
-"""Rules on the training-loss curve: non-finite, diverging, oscillating, plateau, unexpected initial loss.
+"""Rules on the training-loss curve: non-finite, diverging (sustained or a burst), oscillating, plateau, unexpected
+initial loss; and when outputs that look like probabilities call for the probe.
 
 Each rule reads :class:`~diag.stats.loss.LossStatistics` and returns a :class:`LossVerdict` (or ``None``); the
 thresholds are named constants with their source. "Measured" figures come from 20 recorded runs on the 8x8
