@@ -139,7 +139,9 @@ class LossCurveMonitor(Monitor):
         ``accumulate_grad_batches``; ``None`` when there is none."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            return loss.detach().reshape(()), (self._accumulate if self._automatic else 1)
+            # Lightning hands over a detached 0-d copy: no kernel then (after a training step every torch call is
+            # slow, caches being cold); reshaped to 0-d when the buffer is read
+            return (loss.detach() if loss.requires_grad else loss), (self._accumulate if self._automatic else 1)
         if self._automatic:
             return None  # training_step returned None: Lightning skipped this batch
         metrics = getattr(trainer, "callback_metrics", {}) or {}
@@ -160,6 +162,8 @@ class LossCurveMonitor(Monitor):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._initial_checked or self._hook_handles:
+            if self._initial_checked:
+                self._retire("on_train_batch_start")
             return
         # First training batch: read the output width with forward hooks (no extra forward pass), removed at
         # the end of this batch. They record shapes, and whether the output looks like probabilities.
@@ -223,8 +227,6 @@ class LossCurveMonitor(Monitor):
 
     # ---- buffer -----------------------------------------------------------------------------------
     def _push(self, loss: torch.Tensor) -> None:
-        if self._buffer and self._buffer[0].device != loss.device:
-            self._drain()  # the model moved to another device
         self._buffer.append(loss)
         if len(self._buffer) >= self.sync_every:
             self._drain()
@@ -233,7 +235,8 @@ class LossCurveMonitor(Monitor):
         """Read the buffered losses (one host sync), update the statistics and run the rules."""
         if not self._buffer:
             return
-        losses = torch.stack([t.reshape(()) for t in self._buffer]).float()
+        device = self._buffer[-1].device  # (the model may have moved between devices since the buffer started)
+        losses = torch.stack([t.reshape(()).to(device) for t in self._buffer]).float()
         self._buffer = []
         # every rank buffers the same number of steps, so every rank reduces the same shape here
         values: List[float] = self.reduce(losses, "mean").tolist()
