@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore")
 
 import pytorch_lightning as pl  # noqa: E402
 
-from diag.callbacks import Diagnostics  # noqa: E402
+from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
 from tests.helpers import Classifier, digits_loaders, loaders_from, mlp, spirals  # noqa: E402
 from tests.test_healthy_suite import DigitsCNN, Regressor, TokenClassifier, regression_data, token_data  # noqa: E402
 
@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    bad_runs = 0
+    bad_runs = probe_runs = 0
     for name, make in zoo().items():
         if args.only and name not in args.only:
             continue
@@ -124,11 +124,15 @@ def main(argv=None):
         alarms = [f for f in diagnostics.findings if f.severity.rank >= 1 or f.code == "diag_internal_error"]
         infos = sorted({f.code for f in diagnostics.findings if f.severity.rank == 0})
         bad_runs += bool(alarms)
+        probe = diagnostics.monitor(LearningRateProbe)
+        probes = len(probe.results) if probe is not None else 0  # each costs ~100 steps: a healthy run should need none
+        probe_runs += probes
         status = "ALARM" if alarms else "ok"
-        print(f"{status:5s} {name:34s} {time.perf_counter() - started:5.1f}s steps={trainer.global_step} info={infos}", flush=True)
+        print(f"{status:5s} {name:34s} {time.perf_counter() - started:5.1f}s steps={trainer.global_step} "
+              f"probes={probes} info={infos}", flush=True)
         for f in alarms:
             print(f"      {f.severity.value} {f.code} [{f.layer}] {f.message} | {f.evidence}", flush=True)
-    print(f"{bad_runs} run(s) with a warning/error")
+    print(f"{bad_runs} run(s) with a warning/error; the learning-rate probe ran {probe_runs} time(s)")
     return bad_runs
 
 
