@@ -68,11 +68,13 @@ class Schedule:
         return since == self._next
 
 def _guard(name: str, fn: Callable) -> Callable:
+    duty_hook = name in _DUTY_HOOKS
+
     @functools.wraps(fn)
     def guarded(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         # The base duties (open/flush/close the sinks, set the trainer, release hooks) run once per hook call,
         # at the outermost override, even when the monitor is switched off and whether or not it calls super().
-        outermost = name in _DUTY_HOOKS and getattr(type(self), name, None) is guarded
+        outermost = duty_hook and getattr(type(self), name, None) is guarded
         result = None
         if outermost:
             self._run_duty(name, "before", args)
@@ -119,7 +121,7 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._is_root = True
         self._disabled = False
         self._trainer: Any = None
-        self._owner_hooks: Optional[Dict[str, List["Monitor"]]] = None  # the hook table of a composing Diagnostics
+        self._owner_hooks: Optional[Dict[str, List[Callable]]] = None  # the hook table of a composing Diagnostics
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -158,8 +160,9 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         nothing left to do in it (a monitor used alone keeps its early return). On a ~4 ms step every call of a
         finished hook is a measurable cost: cold caches make even an early return cost microseconds."""
         table = self._owner_hooks
-        if table is not None and self in table.get(hook, ()):
-            table[hook] = [m for m in table[hook] if m is not self]  # a new list: a running loop keeps its own
+        if table is not None and any(fn.__self__ is self for fn in table.get(hook, ())):
+            # a new list: a loop running over the old one keeps it
+            table[hook] = [fn for fn in table[hook] if fn.__self__ is not self]
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0

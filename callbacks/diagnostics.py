@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from diag.findings import Finding
 
@@ -34,8 +34,8 @@ def _pick(name: str, value: Any, cls: type) -> Optional[Monitor]:
 
 def _make_forwarder(hook: str):
     def forward(self: "Diagnostics", *args: Any, **kwargs: Any) -> None:
-        for monitor in self._hooked.get(hook, ()):
-            getattr(monitor, hook)(*args, **kwargs)
+        for method in self._hooked[hook]:
+            method(*args, **kwargs)
 
     forward.__name__ = hook
     forward.__doc__ = f"Hands ``{hook}`` to the monitors that implement it."
@@ -101,7 +101,7 @@ class Diagnostics(Monitor):
         self.monitors: List[Monitor] = [m for m in chosen if m is not None]
         for monitor in self.monitors:
             monitor._attach(self._context)
-        self._hooked: Dict[str, List[Monitor]] = {}
+        self._hooked: Dict[str, List[Callable]] = {}  # hook name -> the bound hooks of the monitors that implement it
         self._build_hook_table()
 
     def _build_hook_table(self) -> None:
@@ -109,7 +109,7 @@ class Diagnostics(Monitor):
         with (see :meth:`Monitor._retire`); every fit starts from the full table again."""
         self._hooked.clear()
         for hook in _FORWARDED_HOOKS:
-            self._hooked[hook] = [m for m in self.monitors
+            self._hooked[hook] = [getattr(m, hook) for m in self.monitors
                                   if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
                                   or hook in ("setup", "on_fit_start", "teardown")]
         for monitor in self.monitors:
@@ -130,8 +130,8 @@ class Diagnostics(Monitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Restores the full hook table (a second fit with the same callback) and hands ``setup`` to every monitor."""
         self._build_hook_table()
-        for monitor in self._hooked["setup"]:
-            monitor.setup(trainer, pl_module, stage)
+        for method in self._hooked["setup"]:
+            method(trainer, pl_module, stage)
     del _hook
 
     def _release(self) -> None:
