@@ -230,11 +230,13 @@ class ActivationMonitor(Monitor):
         if not self._plan:
             self._build_plan(pl_module)
         self._register()
+        self._rehire("on_before_backward")
         self._sampled_now = True
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._handles:
             self._remove()  # the forward is done: backward recomputation (checkpointing) must not count
+        self._retire("on_before_backward")  # until the next sampled step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._sampled_now:

@@ -67,16 +67,21 @@ class Schedule:
             self._from, self._next = since, -(-since // every) * every  # the next multiple at or after ``since``
         return since == self._next
 
+
 def _guard(name: str, fn: Callable) -> Callable:
     duty_hook = name in _DUTY_HOOKS
+    duty_before = name in ("setup", "on_fit_start")  # see _run_duty: which duties run before, which after the hook
+    duty_after = duty_hook and not duty_before
+    # a monitor composed in Diagnostics (not the root) has duties only here: take the trainer, release its hooks
+    composed_duty_hook = name in ("setup", "on_fit_start", "teardown")
 
     @functools.wraps(fn)
     def guarded(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         # The base duties (open/flush/close the sinks, set the trainer, release hooks) run once per hook call,
         # at the outermost override, even when the monitor is switched off and whether or not it calls super().
-        outermost = duty_hook and getattr(type(self), name, None) is guarded
+        outermost = duty_hook and (self._is_root or composed_duty_hook) and getattr(type(self), name, None) is guarded
         result = None
-        if outermost:
+        if outermost and duty_before:
             self._run_duty(name, "before", args)
         if not self._disabled:
             try:
@@ -84,7 +89,7 @@ def _guard(name: str, fn: Callable) -> Callable:
             except Exception as exc:  # never raised into the fit: see SPEC "Never breaks the user's fit"
                 self._fail(exc, name)
                 result = None
-        if outermost:
+        if outermost and duty_after:
             self._run_duty(name, "after", args)
         return result
 
@@ -121,7 +126,7 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._is_root = True
         self._disabled = False
         self._trainer: Any = None
-        self._owner_hooks: Optional[Dict[str, List[Callable]]] = None  # the hook table of a composing Diagnostics
+        self._owner_hooks: Any = None  # the composing Diagnostics, which routes hooks to its monitors
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -159,10 +164,13 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         """Stop receiving ``hook`` from a composing :class:`Diagnostics` for the rest of this fit, once the monitor has
         nothing left to do in it (a monitor used alone keeps its early return). On a ~4 ms step every call of a
         finished hook is a measurable cost: cold caches make even an early return cost microseconds."""
-        table = self._owner_hooks
-        if table is not None and any(fn.__self__ is self for fn in table.get(hook, ())):
-            # a new list: a loop running over the old one keeps it
-            table[hook] = [fn for fn in table[hook] if fn.__self__ is not self]
+        if self._owner_hooks is not None:
+            self._owner_hooks._route(self, hook, False)
+
+    def _rehire(self, hook: str) -> None:
+        """Receive ``hook`` again after :meth:`_retire` (e.g. on the next sampled step)."""
+        if self._owner_hooks is not None:
+            self._owner_hooks._route(self, hook, True)
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0

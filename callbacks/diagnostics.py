@@ -22,6 +22,13 @@ _FORWARDED_HOOKS = sorted(
 )
 
 
+# Per-step hooks that Lightning dispatches through ``_call_callback_hooks``, which skips a non-callable attribute.
+# (on_train_batch_end carries the root's duties and is never shadowed; checkpoint and setup hooks are called directly.)
+_PER_STEP_HOOKS = frozenset({"on_train_batch_start", "on_before_backward", "on_after_backward",
+                             "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start",
+                             "on_validation_batch_end"})
+
+
 def _pick(name: str, value: Any, cls: type) -> Optional[Monitor]:
     if value is True:
         return cls()
@@ -113,7 +120,35 @@ class Diagnostics(Monitor):
                                   if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
                                   or hook in ("setup", "on_fit_start", "teardown")]
         for monitor in self.monitors:
-            monitor._owner_hooks = self._hooked
+            monitor._owner_hooks = self
+        for hook in _PER_STEP_HOOKS:
+            self._shadow(hook)
+
+    def _route(self, monitor: Monitor, hook: str, on: bool) -> None:
+        """Add ``monitor`` to (``on``) or remove it from the receivers of ``hook`` (see :meth:`Monitor._retire`)."""
+        current = self._hooked.get(hook)
+        if current is None:
+            return
+        receivers = {fn.__self__ for fn in current}
+        if (monitor in receivers) == on:
+            return
+        if on:
+            receivers.add(monitor)
+        else:
+            receivers.discard(monitor)
+        # a new list in monitor order: a loop running over the old one keeps it
+        self._hooked[hook] = [getattr(m, hook) for m in self.monitors if m in receivers]
+        self._shadow(hook)
+
+    def _shadow(self, hook: str) -> None:
+        """Lightning calls a callback's hook only when the attribute is callable: a per-step hook that no monitor needs
+        right now is set to ``None`` on this instance, so that Lightning skips it (no profiler context, no call)."""
+        if hook not in _PER_STEP_HOOKS:
+            return
+        if self._hooked.get(hook):
+            self.__dict__.pop(hook, None)
+        else:
+            self.__dict__[hook] = None
 
     @property
     def findings(self) -> List[Finding]:

@@ -189,8 +189,8 @@ def footprint(obj: Any, _path=None, _depth: int = 0) -> int:
 
 
 def _holdings(diagnostics: Diagnostics) -> Dict[str, int]:
-    """Per monitor: its attributes minus what it shares with the others (the context, the trainer and Diagnostics'
-    hook table; the findings are counted on their own)."""
+    """Per monitor: its attributes minus what it shares with the others (the context, the trainer and the composing
+    Diagnostics; the findings are counted on their own)."""
     out = {}
     for monitor in diagnostics.monitors:
         attrs = {k: v for k, v in vars(monitor).items() if k not in ("_context", "_trainer", "_owner_hooks")}
