@@ -143,8 +143,8 @@ class Diagnostics(Monitor):
     def _shadow(self, hook: str) -> None:
         """Lightning calls a callback's hook only when the attribute is callable: a per-step hook that no monitor needs
         right now is set to ``None`` on this instance, so that Lightning skips it (no profiler context, no call)."""
-        if hook not in _PER_STEP_HOOKS:
-            return
+        if hook not in _PER_STEP_HOOKS or getattr(type(self), hook, None) is not getattr(Diagnostics, hook, None):
+            return  # not a per-step hook, or a subclass implements it: leave it to Lightning
         if self._hooked.get(hook):
             self.__dict__.pop(hook, None)
         else:

@@ -110,3 +110,23 @@ def test_readme_explains_every_code():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
     missing = [code for code in CATALOGUE if f"`{code}`" not in readme]
     assert not missing, f"README's code table lacks {missing}"
+
+
+def test_idle_per_step_hooks_are_hidden_from_lightning_but_not_from_subclasses(tmp_path):
+    calls = []
+
+    class Counting(Diagnostics):
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            calls.append(trainer.global_step)
+
+    plain, counting = Diagnostics(console=False), Counting(console=False)
+    # no monitor uses on_before_zero_grad: Lightning's dispatch skips a non-callable hook attribute
+    assert plain.on_before_zero_grad is None and callable(plain.on_train_batch_end)
+    assert callable(counting.on_before_zero_grad)  # a subclass's own hook is never hidden
+    model = Classifier(mlp([64, 16, 10]), lr=1e-3)
+    train, val = digits_loaders(batch_size=64, n_train=256)
+    pl.Trainer(default_root_dir=str(tmp_path), max_steps=6, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, logger=False, callbacks=[plain, counting]).fit(model, train, val)
+    assert calls == list(range(6))
+    # without gradient accumulation GradientMonitor retires from on_after_backward: hidden too
+    assert plain.on_after_backward is None
