@@ -218,7 +218,6 @@ class ActivationMonitor(Monitor):
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._schedule = Schedule(self.interval, self.max_backoff, offset=self.warmup)
         self._build_plan(pl_module)
 
     def _is_sampled(self, step: int) -> bool:

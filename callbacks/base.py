@@ -30,9 +30,8 @@ _DUTY_HOOKS = frozenset({"setup", "on_fit_start", "on_train_batch_end", "on_trai
 # Sampling back-off (GradientMonitor, ActivationMonitor): the first BACKOFF_AFTER samples come at the configured
 # interval (enough for every rule's minimum evidence in short runs: missing gradients 8 samples, zig-zag 5 pairs, noise
 # 10 estimates, two activation windows); from then on the interval doubles each time the step count doubles, up to
-# max_backoff times. A fixed interval costs a fixed share of
-# every step, a tenth of a 3 ms MLP step; the back-off keeps full detail early, when most faults show, and makes the
-# cost shrink on long runs. It depends on the step alone: the same on every DDP rank and every machine.
+# max_backoff times. A fixed interval costs a fixed share of every step, a tenth of a 3 ms MLP step; the back-off keeps
+# full detail early, when most faults show, and makes the cost shrink on long runs. It depends on the step alone: the same on every DDP rank and every machine.
 BACKOFF_AFTER = 10
 
 
@@ -66,7 +65,6 @@ class Schedule:
             every = backed_off_interval(self.interval, since, self.max_backoff)
             self._from, self._next = since, -(-since // every) * every  # the next multiple at or after ``since``
         return since == self._next
-
 
 def _guard(name: str, fn: Callable) -> Callable:
     duty_hook = name in _DUTY_HOOKS
@@ -126,7 +124,7 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._is_root = True
         self._disabled = False
         self._trainer: Any = None
-        self._owner_hooks: Any = None  # the composing Diagnostics, which routes hooks to its monitors
+        self._owner: Any = None  # the composing Diagnostics, which routes hooks to its monitors
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -164,13 +162,13 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         """Stop receiving ``hook`` from a composing :class:`Diagnostics` for the rest of this fit, once the monitor has
         nothing left to do in it (a monitor used alone keeps its early return). On a ~4 ms step every call of a
         finished hook is a measurable cost: cold caches make even an early return cost microseconds."""
-        if self._owner_hooks is not None:
-            self._owner_hooks._route(self, hook, False)
+        if self._owner is not None:
+            self._owner._route(self, hook, False)
 
     def _rehire(self, hook: str) -> None:
         """Receive ``hook`` again after :meth:`_retire` (e.g. on the next sampled step)."""
-        if self._owner_hooks is not None:
-            self._owner_hooks._route(self, hook, True)
+        if self._owner is not None:
+            self._owner._route(self, hook, True)
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0

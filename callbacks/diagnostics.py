@@ -120,7 +120,7 @@ class Diagnostics(Monitor):
                                   if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
                                   or hook in ("setup", "on_fit_start", "teardown")]
         for monitor in self.monitors:
-            monitor._owner_hooks = self
+            monitor._owner = self
         for hook in _PER_STEP_HOOKS:
             self._shadow(hook)
 

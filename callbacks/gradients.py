@@ -27,7 +27,7 @@ from .base import BACKOFF_AFTER, Monitor, Schedule, backed_off_interval, check_p
 log = logging.getLogger("diag")
 
 EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
-# The half-batch split needs a sample per half. (BatchNorm in training mode refuses a single sample per channel: then
+# The batch split needs a sample per part. (BatchNorm in training mode refuses a single sample per channel: then
 # the extra pass raises, and the estimate is switched off for the run.)
 MIN_SPLIT_BATCH = 2
 NOISE_RARE_FACTOR = 4  # noise estimates this many times rarer at batches where they can only be information
@@ -137,8 +137,8 @@ class GradientMonitor(Monitor):
     micro-batch's gradient vs the accumulated one (free); otherwise the gradient of a quarter of the sampled batch
     (half, below 16 samples), recomputed with ``training_step`` at the same parameters through
     ``torch.autograd.grad`` (``.grad``, RNG states, buffers such as BatchNorm statistics and ``self.log`` calls are
-    left untouched). Under DDP the small estimate is each rank's local (micro- or quarter-) batch gradient, its squared norm averaged across ranks, and the big one the
-    all-reduced gradient of the global batch. Assumes the loss is a mean over samples. Skipped under manual
+    left untouched). Under DDP the small estimate is each rank's local (micro- or quarter-) batch gradient, its
+    squared norm averaged across ranks, and the big one the all-reduced gradient of the global batch. Assumes the loss is a mean over samples. Skipped under manual
     optimization.
 
     Args:
@@ -201,7 +201,7 @@ class GradientMonitor(Monitor):
     # ---- sampling -----------------------------------------------------------------------------------
     def _build_schedules(self) -> None:
         self._samples = Schedule(self.interval, self.max_backoff, dense_until=self.warmup_steps)
-        self._noise_steps = Schedule(max(1, self.noise_scale_interval) * max(1, self._noise_rarity), self.max_backoff)
+        self._noise_steps = Schedule(max(1, self.noise_scale_interval) * self._noise_rarity, self.max_backoff)
 
     def _is_sampled(self, step: int) -> bool:
         return self._samples.due(step)
@@ -228,8 +228,7 @@ class GradientMonitor(Monitor):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
-        self._noise_rarity = 0  # decided on the first batch of this fit
-        self._build_schedules()
+        self._noise_rarity = 0  # decided (and the schedules rebuilt) on the first batch of this fit
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._noise_rarity == 0:
@@ -424,7 +423,7 @@ class GradientMonitor(Monitor):
             # and a smaller part makes 1/b_small - 1/b_big larger, which conditions the estimate better.
             part = size // 4 if size >= QUARTER_SPLIT_MIN_BATCH else size // 2
             params = [g.params[i] for i in with_grad]
-            first = self._half_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, part), params)
+            first = self._part_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, part), params)
             if first is None:
                 return None
             first_sq, dot, big_sq = first
@@ -439,9 +438,9 @@ class GradientMonitor(Monitor):
             pairs = list(zip(self.reduce(local, "mean").tolist(), [b for _, b in pairs]))
         return pairs, b_big
 
-    def _half_batch_sq_norm(self, trainer: Any, pl_module: Any, half: Any,
+    def _part_batch_sq_norm(self, trainer: Any, pl_module: Any, part: Any,
                             params: List[torch.Tensor]) -> Optional[Tuple[float, float, float]]:
-        """Re-run ``training_step`` on ``half`` and take its gradient ``G_a`` with ``autograd.grad`` (``.grad`` is
+        """Re-run ``training_step`` on ``part`` of the batch and take its gradient ``G_a`` with ``autograd.grad`` (``.grad`` is
         untouched); returns ``(|G_a|², <G_a, G_big>, |G_big|²)``. Everything the extra pass can change is restored:
         RNG states, buffers (BatchNorm statistics), train/eval modes; ``self.log`` calls are dropped."""
         cpu_rng = torch.get_rng_state()
@@ -456,11 +455,11 @@ class GradientMonitor(Monitor):
         try:
             try:
                 with torch.enable_grad(), trainer.precision_plugin.train_step_context():
-                    output = pl_module.training_step(half, self._batch_idx)
-            except Exception as exc:  # the user's step may refuse half a batch (e.g. BatchNorm on one sample)
+                    output = pl_module.training_step(part, self._batch_idx)
+            except Exception as exc:  # the user's step may refuse part of a batch (e.g. BatchNorm on one sample)
                 self.noise_scale_interval = 0
                 log.info("lightning-diag: GradientMonitor stops estimating the gradient noise scale: training_step "
-                         "on half a batch raised %s: %s", type(exc).__name__, exc)
+                         "on part of a batch raised %s: %s", type(exc).__name__, exc)
                 return None
             loss = _step_loss(output)
             if loss is None or not loss.requires_grad or loss.dim() != 0:

@@ -193,7 +193,7 @@ def _holdings(diagnostics: Diagnostics) -> Dict[str, int]:
     Diagnostics; the findings are counted on their own)."""
     out = {}
     for monitor in diagnostics.monitors:
-        attrs = {k: v for k, v in vars(monitor).items() if k not in ("_context", "_trainer", "_owner_hooks")}
+        attrs = {k: v for k, v in vars(monitor).items() if k not in ("_context", "_trainer", "_owner")}
         out[type(monitor).__name__] = footprint(attrs)
     out["signals"] = footprint(diagnostics.context.signals) + footprint(diagnostics.context.probe_requests)
     return out

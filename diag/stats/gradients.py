@@ -53,16 +53,8 @@ class LayerGrouping:
             self._index_on[device] = self._index.to(device)
         return self._index_on[device]
 
-    def layer_sum(self, per_param: torch.Tensor, which: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Sum a per-parameter vector into layers (``which`` selects the parameters ``per_param`` refers to)."""
-        index = self.index_on(per_param.device)
-        if which is not None:
-            index = index[torch.as_tensor(which, dtype=torch.long, device=per_param.device)]
-        out = torch.zeros(len(self.layers), dtype=per_param.dtype, device=per_param.device)
-        return out.index_add_(0, index, per_param)
-
     def layer_sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """:meth:`layer_sum` of each row of a ``(k, parameters)`` tensor in one kernel: ``(k, layers)``."""
+        """Sum each row of a ``(k, parameters)`` tensor into layers, in one kernel: ``(k, layers)``."""
         out = torch.zeros(rows.shape[0], len(self.layers), dtype=rows.dtype, device=rows.device)
         return out.index_add_(1, self.index_on(rows.device), rows)
 
@@ -92,13 +84,6 @@ def norms_and_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torc
         return torch.zeros(3, 0, dtype=torch.float64)
     sq = squared_norms(a + b + list(torch._foreach_add(a, b))).double().reshape(3, n)
     return torch.stack([sq[0], sq[1], (sq[2] - sq[0] - sq[1]) / 2])
-
-
-def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``<a_i, b_i>`` for each pair, as one float32 vector (no host sync)."""
-    if not a:
-        return torch.zeros(0)
-    return norms_and_dots(a, b)[2].float()
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -178,14 +163,13 @@ class UpdateTracker:
         self._snapshot: Optional[List[torch.Tensor]] = None
         self._snapshot_sq: Optional[torch.Tensor] = None  # ‖θ_t‖² per param
         self._previous_delta: Optional[List[torch.Tensor]] = None
-        self._previous_delta_sq: Optional[torch.Tensor] = None
 
     @property
     def pending(self) -> bool:
         return self._snapshot is not None
 
     def release(self) -> None:
-        self._snapshot = self._snapshot_sq = self._previous_delta = self._previous_delta_sq = None
+        self._snapshot = self._snapshot_sq = self._previous_delta = None
 
     def observe(self, start_pair: bool) -> Optional[Dict[str, torch.Tensor]]:
         """Finish a pending update (if any) and snapshot when a pair starts or continues.
@@ -203,19 +187,18 @@ class UpdateTracker:
             torch._foreach_sub_(delta, params)
             g = self.grouping
             if self._previous_delta is not None:
-                # |Δθ_t|², |Δθ_{t-1}|² (recomputed: same batched norm) and <Δθ_t, Δθ_{t-1}> in one pass
+                # |Δθ_t|², |Δθ_{t-1}|² and <Δθ_t, Δθ_{t-1}> in one batched norm
                 sq = norms_and_dots(delta, self._previous_delta)
                 rows = torch.cat([sq[0:1].float(), self._snapshot_sq[None], sq[2:3].float(), sq[1:2].float()])
                 per_layer = g.layer_sum_rows(rows)
                 out = {"update_sq": per_layer[0], "weight_sq": per_layer[1], "dot": per_layer[2],
                        "previous_update_sq": per_layer[3]}
-                self._previous_delta = self._previous_delta_sq = None
+                self._previous_delta = None
                 self._snapshot = self._snapshot_sq = None
             else:
-                delta_sq = squared_norms(delta)
-                per_layer = g.layer_sum_rows(torch.stack([delta_sq, self._snapshot_sq]))
+                per_layer = g.layer_sum_rows(torch.stack([squared_norms(delta), self._snapshot_sq]))
                 out = {"update_sq": per_layer[0], "weight_sq": per_layer[1]}
-                self._previous_delta, self._previous_delta_sq = delta, delta_sq
+                self._previous_delta = delta
                 self._snapshot = self._snapshot_sq = None
                 continue_pair = True
         if start_pair or continue_pair:
