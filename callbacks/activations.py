@@ -224,7 +224,10 @@ class ActivationMonitor(Monitor):
         return self._schedule.due(step)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._is_sampled(int(trainer.global_step)):
+        step = int(trainer.global_step)
+        if not self._is_sampled(step):
+            # composed: no calls at all until the next sampled step
+            self._sleep(("on_train_batch_start", "on_train_batch_end"), self._schedule.next_due(step))
             return
         if not self._plan:
             self._build_plan(pl_module)

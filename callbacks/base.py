@@ -66,6 +66,16 @@ class Schedule:
             self._from, self._next = since, -(-since // every) * every  # the next multiple at or after ``since``
         return since == self._next
 
+    def next_due(self, step: int) -> int:
+        """The first step at or after ``step`` at which :meth:`due` is true. Calling :meth:`due` only at that step (and
+        not at the steps before it) gives the same answers as calling it at every step."""
+        if self.due(step):
+            return step
+        since = step - self.offset
+        if since < 0:
+            return self.offset
+        return self._next + self.offset
+
 def _guard(name: str, fn: Callable) -> Callable:
     duty_hook = name in _DUTY_HOOKS
     duty_before = name in ("setup", "on_fit_start")  # see _run_duty: which duties run before, which after the hook
@@ -170,6 +180,13 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         if self._owner is not None:
             self._owner._route(self, hook, True)
 
+    def _sleep(self, hooks: Any, until_step: int) -> None:
+        """Stop receiving ``hooks`` from a composing :class:`Diagnostics` until the global step reaches ``until_step``:
+        they come back at the end of the batch after which ``trainer.global_step >= until_step``, so the hooks of the
+        first batch of that step run. A monitor used alone keeps receiving them (and its early returns)."""
+        if self._owner is not None:
+            self._owner._sleep(self, hooks, until_step)
+
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0
 
@@ -235,6 +252,9 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         log.warning("lightning-diag: %s switched off after an internal error in %s: %s: %s", self.name, hook,
                     type(exc).__name__, exc)
 
+    def _after_batch(self, step: int) -> None:
+        """The root's last duty of each training batch, with the global step after it (see Diagnostics)."""
+
     def _release(self) -> None:
         """Release resources (forward hooks, copies). Called at teardown and when the monitor fails."""
 
@@ -252,7 +272,11 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
             collector = self._context.collector
             if when == "before" and hook == "on_fit_start":
                 collector.open(self._make_sinks(args[0]))
-            elif when == "after" and hook in ("on_train_batch_end", "on_train_epoch_end", "on_validation_end"):
+            elif when == "after" and hook == "on_train_batch_end":
+                step = self.step()
+                collector.flush(step)
+                self._after_batch(step)
+            elif when == "after" and hook in ("on_train_epoch_end", "on_validation_end"):
                 collector.flush(self.step())
             elif when == "after" and hook in ("on_fit_end", "on_exception"):
                 collector.flush(self.step(), force=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from diag.findings import Finding
 
@@ -27,6 +27,8 @@ _FORWARDED_HOOKS = sorted(
 _PER_STEP_HOOKS = frozenset({"on_train_batch_start", "on_before_backward", "on_after_backward",
                              "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start",
                              "on_validation_batch_end"})
+
+_NEVER = float("inf")
 
 
 def _pick(name: str, value: Any, cls: type) -> Optional[Monitor]:
@@ -115,6 +117,8 @@ class Diagnostics(Monitor):
         """Which monitors get which hook: those that implement it. Monitors retire from per-step hooks they are done
         with (see :meth:`Monitor._retire`); every fit starts from the full table again."""
         self._hooked.clear()
+        self._wakeups: List[Tuple[int, Monitor, str]] = []  # (global step, monitor, hook) asleep until that step
+        self._next_wakeup = _NEVER
         for hook in _FORWARDED_HOOKS:
             self._hooked[hook] = [getattr(m, hook) for m in self.monitors
                                   if getattr(type(m), hook, None) is not getattr(Monitor, hook, None)
@@ -139,6 +143,23 @@ class Diagnostics(Monitor):
         # a new list in monitor order: a loop running over the old one keeps it
         self._hooked[hook] = [getattr(m, hook) for m in self.monitors if m in receivers]
         self._shadow(hook)
+
+    def _sleep(self, monitor: Monitor, hooks: Iterable[str], until_step: int) -> None:
+        """Route ``hooks`` away from ``monitor`` until the global step reaches ``until_step`` (see
+        :meth:`Monitor._sleep`): between its sampled steps a monitor costs nothing, not even an early return."""
+        for hook in hooks:
+            self._route(monitor, hook, False)
+            self._wakeups.append((until_step, monitor, hook))
+        self._next_wakeup = min(self._next_wakeup, until_step)
+
+    def _after_batch(self, step: int) -> None:
+        if step < self._next_wakeup:
+            return
+        due = [w for w in self._wakeups if w[0] <= step]
+        self._wakeups = [w for w in self._wakeups if w[0] > step]
+        self._next_wakeup = min((w[0] for w in self._wakeups), default=_NEVER)
+        for _, monitor, hook in due:
+            self._route(monitor, hook, True)
 
     def _shadow(self, hook: str) -> None:
         """Lightning calls a callback's hook only when the attribute is callable: a per-step hook that no monitor needs

@@ -279,6 +279,7 @@ class GradientMonitor(Monitor):
                 self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
                 self._loss_count += 1
         if self._sampled_step < 0:
+            self._sleep_until_next_event(trainer, pl_module)
             return
         self._sampled_step = -1
         if self._own_loss and self._context.get(signals.LOSS_SMOOTHED) is not None:
@@ -286,6 +287,28 @@ class GradientMonitor(Monitor):
         if self._loss_sum is not None and self._loss_count:
             self._observe_loss(float(self._loss_sum.float()) / self._loss_count)
         self._loss_sum, self._loss_count = None, 0
+        self._sleep_until_next_event(trainer, pl_module)
+
+    def _sleep_until_next_event(self, trainer: Any, pl_module: Any) -> None:
+        """Composed in Diagnostics, with automatic optimization (one optimizer step per batch at most, taken at the
+        step the batch started with): no hook calls until the next sampled or noise step, nor while an update pair is
+        open. Under manual optimization a batch can take several steps, so every hook keeps coming."""
+        if self._owner is None or not getattr(pl_module, "automatic_optimization", True):
+            return
+        if self.track_updates and any(state.tracker.pending for state in self._states.values()):
+            return
+        step = int(trainer.global_step)
+        wake = self._samples.next_due(step)
+        if self.noise_scale_interval:
+            wake = min(wake, self._noise_steps.next_due(step))
+        if wake <= step:
+            return
+        hooks = ["on_train_batch_start", "on_before_optimizer_step"]
+        if not self._own_loss:
+            hooks.append("on_train_batch_end")
+        if self._accumulating:
+            hooks.append("on_after_backward")
+        self._sleep(hooks, wake)
 
     def _release(self) -> None:
         for state in self._states.values():

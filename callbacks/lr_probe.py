@@ -201,6 +201,7 @@ class LearningRateProbe(Monitor):
         requests = self._context.probe_requests
         preflight = self.preflight_step is not None and not self._preflight_done and step >= self.preflight_step
         if not requests and not preflight:
+            self._sleep_until_due(step)
             return
         reasons = [r for r in requests if r not in self._probed_reasons]
         requests.clear()
@@ -215,6 +216,24 @@ class LearningRateProbe(Monitor):
         self._symptom_probed = self._symptom_probed or strong
         self._probed_reasons.update(reasons)
         self._probe(trainer, pl_module, batch, batch_idx, reasons)
+
+    def _sleep_until_due(self, step: int) -> None:
+        """Composed in Diagnostics: no calls until the next snapshot refresh or the preflight probe, or until another
+        monitor requests a probe (``context.request_probe`` wakes this monitor for the batch under way or the next).
+        ``step`` is the global step after this batch; the wake-up step is the one the batch before the due one
+        starts with."""
+        due = math.inf
+        if self._snapshot is not None:
+            due = self._snapshot_tried + self.snapshot_interval
+        if self.preflight_step is not None and not self._preflight_done:
+            due = min(due, self.preflight_step)
+        if due > step + 1:
+            if self._wake_on_request not in self._context.probe_listeners:
+                self._context.probe_listeners.append(self._wake_on_request)
+            self._sleep(("on_train_batch_end",), due - 1)
+
+    def _wake_on_request(self) -> None:
+        self._rehire("on_train_batch_end")
 
     def _release(self) -> None:
         self._snapshot = None

@@ -8,7 +8,7 @@ Keys are the constants in :mod:`diag.signals`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from diag.collector import FindingsCollector
 
@@ -18,6 +18,7 @@ class DiagContext:
         self.collector = collector if collector is not None else FindingsCollector()
         self.signals: Dict[str, Any] = {}
         self.probe_requests: List[str] = []
+        self.probe_listeners: List[Callable[[], None]] = []  # called on each new request (wakes a sleeping probe)
 
     def publish(self, key: str, value: Any) -> None:
         self.signals[key] = value
@@ -29,3 +30,5 @@ class DiagContext:
         """Ask the learning-rate probe (if one is attached) to run at the next opportunity, e.g. ``"loss_diverging"``."""
         if reason not in self.probe_requests:
             self.probe_requests.append(reason)
+            for listener in self.probe_listeners:
+                listener()

@@ -435,3 +435,40 @@ def test_failure_inside_a_forward_hook_never_reaches_the_forward(tmp_path):
     assert [f.code for f in monitor.findings] == ["diag_internal_error"]
     assert "forward" in monitor.findings[0].message
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sleeping_between_samples_measures_exactly_what_every_step_calls_measure(tmp_path, accumulate):
+    """Inside Diagnostics the activation monitor is not called between its sampled steps; alone it is called every
+    batch. Both must log the same activation statistics at the same steps."""
+    from diag.callbacks import Diagnostics
+
+    series, calls = {}, {}
+    for composed in (False, True):
+        monitor = ActivationMonitor(interval=3, window=2, warmup=2)
+        count = []
+        original = monitor.on_train_batch_start.__func__
+
+        def counting(self, *args, _original=original, _count=count):
+            _count.append(1)
+            return _original(self, *args)
+
+        monitor.on_train_batch_start = counting.__get__(monitor)
+        callback = Diagnostics(console=False, activations=monitor, gradients=False, loss_curve=False, fit=False,
+                               data=False, setup_check=False, lr_probe=False) if composed else monitor
+        pl.seed_everything(0)
+        model = Classifier(mlp([64, 32, 32, 10], activation=nn.Tanh), lr=1e-3)
+        train, _ = digits_loaders(batch_size=32, n_train=640)
+        root = tmp_path / str(composed)
+        logger = pl.loggers.TensorBoardLogger(str(root), name="tb")
+        pl.Trainer(default_root_dir=str(root), max_steps=40, accumulate_grad_batches=accumulate, logger=logger,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   callbacks=[callback]).fit(model, train)
+        acc = EventAccumulator(logger.log_dir)
+        acc.Reload()
+        series[composed] = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+                            for tag in acc.Tags()["scalars"] if tag.startswith("diag/activation")}
+        calls[composed] = len(count)
+    assert series[True] and series[True] == series[False]
+    assert calls[False] == 40 * accumulate  # alone: every batch
+    assert calls[True] <= 2 * (40 // 3 + 2) * accumulate  # composed: sampled steps and the batch that goes to sleep

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from diag import signals
-from diag.callbacks import GradientMonitor
+from diag.callbacks import Diagnostics, GradientMonitor
 from diag.stats.gradients import LayerGrouping, UpdateTracker, squared_norms
 from tests.helpers import (Classifier, assert_silent, classifier_for, codes, digits_loaders, fit, loaders_from, mlp,
                            state_equal)
@@ -307,3 +307,74 @@ def test_schedule_matches_the_backed_off_interval_in_any_step_order():
         shuffled = Schedule(interval, max_backoff, offset, dense)  # resumed or restarted fits can step backwards
         steps = [rng.randrange(4000) for _ in range(2000)]
         assert [shuffled.due(s) for s in steps] == [brute(s) for s in steps]
+
+
+def test_schedule_next_due_is_the_first_due_step_and_calls_at_it_alone_agree():
+    """A sleeping monitor asks its schedule for the next due step and is called only then: the answer must be the
+    first step at or after the given one that is due (brute force), and calling ``due`` only at those steps must
+    find the same events as calling it at every step."""
+    import random
+
+    from diag.callbacks.base import Schedule
+    from diag.callbacks.gradients import backed_off_interval
+
+    rng = random.Random(1)
+    for interval, max_backoff, offset, dense in [(20, 8, 0, 5), (10, 8, 3, 0), (25, 1, 0, 0), (7, 4, 0, 2), (5, 8, 40, 10)]:
+        def brute(s):
+            since = s - offset
+            return s < dense or (since >= 0 and since % backed_off_interval(interval, since, max_backoff) == 0)
+
+        due_steps = [s for s in range(6000) if brute(s)]
+        schedule = Schedule(interval, max_backoff, offset, dense)
+        for s in sorted(rng.randrange(5000) for _ in range(300)):
+            assert schedule.next_due(s) == next(t for t in due_steps if t >= s)
+        hopping, seen, s = Schedule(interval, max_backoff, offset, dense), [], 0
+        while True:
+            s = hopping.next_due(s)
+            if s >= 5000:
+                break
+            assert hopping.due(s)
+            seen.append(s)
+            s += 1
+        assert seen == [t for t in due_steps if t < 5000]
+
+
+def _scalar_series(log_dir, prefix):
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(prefix)}
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_sleeping_between_samples_measures_exactly_what_every_step_calls_measure(tmp_path, accumulate):
+    """Inside Diagnostics the gradient monitor is not called between its sampled steps (its hooks sleep); used alone it
+    is called every step. Both must log the same scalars at the same steps, with and without accumulation."""
+    series, calls = {}, {}
+    for composed in (False, True):
+        monitor = GradientMonitor(interval=7, warmup_steps=2, noise_scale_interval=5)
+        count = []
+        original = monitor.on_before_optimizer_step.__func__
+
+        def counting(self, *args, _original=original, _count=count):
+            _count.append(1)
+            return _original(self, *args)
+
+        monitor.on_before_optimizer_step = counting.__get__(monitor)
+        callback = Diagnostics(console=False, gradients=monitor, loss_curve=False, activations=False, fit=False,
+                               data=False, setup_check=False, lr_probe=False) if composed else monitor
+        pl.seed_everything(0)
+        model = Classifier(mlp([64, 32, 10]), lr=1e-3)
+        train, _ = digits_loaders(batch_size=32, n_train=640)
+        root = tmp_path / str(composed)
+        logger = pl.loggers.TensorBoardLogger(str(root), name="tb")
+        pl.Trainer(default_root_dir=str(root), max_steps=60, accumulate_grad_batches=accumulate, logger=logger,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   callbacks=[callback]).fit(model, train)
+        series[composed] = _scalar_series(logger.log_dir, "diag/")
+        calls[composed] = len(count)
+    assert series[True] and series[True] == series[False]
+    assert any(k.startswith("diag/grad_noise_scale") for k in series[True])
+    assert any(k.startswith("diag/update_cosine") for k in series[True])
+    assert calls[False] == 60  # alone: every optimizer step
+    # composed: sampled steps (0, 1, then every 7), the two steps of each update pair and noise steps only
+    assert calls[True] <= 40

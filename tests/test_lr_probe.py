@@ -567,3 +567,33 @@ def test_probability_outputs_with_the_log_in_the_loss_are_no_bug(tmp_path):
     diagnostics, probe = run_end_to_end(tmp_path, make, four_classes, 2)
     assert not codes(diagnostics.findings), [f.message for f in diagnostics.findings]
     assert len(probe.results) <= 1
+
+
+def test_a_request_wakes_the_sleeping_probe_inside_diagnostics(tmp_path):
+    """Inside Diagnostics the probe is not called between snapshot refreshes; a request from another monitor wakes it
+    for the batch under way, so it runs at the step it was asked at, as when it is called every step."""
+    steps_run = {}
+    for composed in (False, True):
+        probe = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+        calls = []
+        original = probe.on_train_batch_end.__func__
+
+        def counting(self, *args, _original=original, _calls=calls):
+            _calls.append(1)
+            return _original(self, *args)
+
+        probe.on_train_batch_end = counting.__get__(probe)
+        callback = Diagnostics(console=False, lr_probe=probe, gradients=False, loss_curve=False, activations=False,
+                               fit=False, data=False, setup_check=False) if composed else probe
+        asker = Asker(at=5, reason="loss_diverging")
+        asker._attach(callback.context)
+        pl.seed_everything(0)
+        model = Classifier(mlp([64, 64, 10]), lr=3.0, optimizer="adam")
+        fit(tmp_path / str(composed), model, digits(), None, [asker, callback], max_epochs=1, logger=False)
+        assert len(probe.results) == 1 and "lr_too_high" in codes(probe.findings)
+        steps_run[composed] = [f.step for f in probe.findings if f.code == "lr_too_high"]
+        if composed:
+            assert len(calls) < 10  # the first batch (start snapshot's loss), the asked one
+        else:
+            assert len(calls) >= 15
+    assert steps_run[True] == steps_run[False] == [5]
