@@ -125,6 +125,7 @@ class FitMonitor(Monitor):
         self._accuracy_key: Optional[str] = None
         self._train_source = "none"
         self._capacity: Optional[float] = None  # trainable parameters per training sample (nan: unknown)
+        self._loss_scale = 1  # undoes Lightning's division of the loss by accumulate_grad_batches (set per fit)
 
     def _state_key_args(self) -> Dict[str, Any]:
         return {"monitor": self.monitor, "mode": self.mode}
@@ -133,22 +134,23 @@ class FitMonitor(Monitor):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # (state restored from a checkpoint is loaded before this hook: keep the history and the pending evaluation)
         self._this_epoch.reset()
+        # Lightning divides the returned loss by accumulate_grad_batches (automatic optimization): undone per batch
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        self._loss_scale = accumulate if accumulate > 1 and getattr(pl_module, "automatic_optimization", True) else 1
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:  # a validation ran mid-epoch and training went on: its interval is complete
             self._close(trainer, at_epoch_end=False)
         loss = _loss_of(outputs)
         if loss is not None:
-            accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-            if accumulate > 1 and getattr(pl_module, "automatic_optimization", True):
-                # Lightning divides the returned loss by accumulate_grad_batches before handing it over
-                loss = loss * accumulate
+            if self._loss_scale != 1:
+                loss = loss * self._loss_scale
             self._since_evaluation.update(loss)
             if self.history.count == 0:  # the per-epoch training history serves runs without a validation metric
                 self._this_epoch.update(loss)
             if self._first_loss_tensor is None and not _finite(self._first_loss):
                 self._first_loss_tensor = loss.detach().float().mean().clone()
-        if self._classes.batches < CLASS_INFERENCE_BATCHES and self._num_classes is None:
+        if self._num_classes is None and self._classes.batches < CLASS_INFERENCE_BATCHES:
             self._classes.update(_targets_of(batch))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

@@ -235,9 +235,14 @@ class LossCurveMonitor(Monitor):
         """Read the buffered losses (one host sync), update the statistics and run the rules."""
         if not self._buffer:
             return
-        device = self._buffer[-1].device  # (the model may have moved between devices since the buffer started)
-        losses = torch.stack([t.reshape(()).to(device) for t in self._buffer]).float()
-        self._buffer = []
+        buffer, self._buffer = self._buffer, []
+        try:  # the common case: 0-d losses on one device, stacked in one call
+            losses = torch.stack(buffer).float().reshape(-1)
+        except RuntimeError:
+            losses = None
+        if losses is None or losses.numel() != len(buffer):
+            device = buffer[-1].device  # (the model may have moved between devices since the buffer started)
+            losses = torch.stack([t.reshape(()).to(device) for t in buffer]).float()
         # every rank buffers the same number of steps, so every rank reduces the same shape here
         values: List[float] = self.reduce(losses, "mean").tolist()
         for i, value in enumerate(values):

@@ -206,9 +206,10 @@ class RunningMean:
     def _fold(self) -> None:
         if not self._pending:
             return
-        if any(t.device != self._pending[0].device for t in self._pending):  # the model moved between devices
-            self._pending = [t.to(self._pending[0].device) for t in self._pending]
-        part = torch.stack(self._pending).sum()
+        try:
+            part = torch.stack(self._pending).sum()
+        except RuntimeError:  # the model moved between devices
+            part = torch.stack([t.to(self._pending[0].device) for t in self._pending]).sum()
         self._pending = []
         self.total = part if self.total is None else self.total.to(part.device) + part
 
