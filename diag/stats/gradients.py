@@ -177,7 +177,10 @@ class UpdateTracker:
         Returns per-layer tensors ``update_sq`` and ``weight_sq`` (and ``dot`` / ``previous_update_sq`` when the
         update was the second of a pair), still on the device: the caller syncs once.
         """
-        params = [p.detach() for p in self.grouping.params]
+        with torch.no_grad():  # no autograd bookkeeping for the copies and differences
+            return self._observe(self.grouping.params, start_pair)
+
+    def _observe(self, params: List[torch.Tensor], start_pair: bool) -> Optional[Dict[str, torch.Tensor]]:
         out: Optional[Dict[str, torch.Tensor]] = None
         continue_pair = False
         if self._snapshot is not None:
@@ -202,6 +205,6 @@ class UpdateTracker:
                 self._snapshot = self._snapshot_sq = None
                 continue_pair = True
         if start_pair or continue_pair:
-            self._snapshot = [p.clone() for p in params]
+            self._snapshot = list(torch._foreach_mul(params, 1.0))  # a copy of every parameter in one call (x*1 is exact)
             self._snapshot_sq = squared_norms(params)
         return out
