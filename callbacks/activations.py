@@ -248,6 +248,10 @@ class ActivationMonitor(Monitor):
         self._sampled_in_window += 1
         if self._sampled_in_window >= self.window:
             self._close_window()
+        step = int(trainer.global_step)  # the step the next batch starts with
+        wake = self._schedule.next_due(step)
+        if wake > step:
+            self._sleep(("on_train_batch_start", "on_train_batch_end"), wake)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._remove()

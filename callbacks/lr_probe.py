@@ -224,7 +224,8 @@ class LearningRateProbe(Monitor):
         starts with."""
         due = math.inf
         if self._snapshot is not None:
-            due = self._snapshot_tried + self.snapshot_interval
+            # (the start snapshot's loss is read on the next batch again until one is finite)
+            due = step + 1 if math.isinf(self._snapshot_loss) else self._snapshot_tried + self.snapshot_interval
         if self.preflight_step is not None and not self._preflight_done:
             due = min(due, self.preflight_step)
         if due > step + 1:
