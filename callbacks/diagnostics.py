@@ -43,8 +43,16 @@ def _pick(name: str, value: Any, cls: type) -> Optional[Monitor]:
 
 def _make_forwarder(hook: str):
     def forward(self: "Diagnostics", *args: Any, **kwargs: Any) -> None:
-        for method in self._hooked[hook]:
+        methods = self._hooked[hook]
+        for method in methods:
             method(*args, **kwargs)
+        if self._hooked[hook] is not methods:
+            # A monitor woke another during the loop (a probe request wakes the probe, last in monitor order): call
+            # the newly woken now, at the position a monitor called every step would have had.
+            called = set(methods)
+            for method in self._hooked[hook]:
+                if method not in called:
+                    method(*args, **kwargs)
 
     forward.__name__ = hook
     forward.__doc__ = f"Hands ``{hook}`` to the monitors that implement it."

@@ -597,3 +597,23 @@ def test_a_request_wakes_the_sleeping_probe_inside_diagnostics(tmp_path):
         else:
             assert len(calls) >= 15
     assert steps_run[True] == steps_run[False] == [5]
+
+
+def test_a_request_from_a_composed_monitor_wakes_the_probe_in_the_same_batch(tmp_path):
+    """A monitor inside Diagnostics that asks for a probe in ``on_train_batch_end`` (as the loss monitor does) wakes
+    the sleeping probe for the same batch: the probe runs at the step it was asked at."""
+    from diag.callbacks import SetupCheck
+
+    class AskingCheck(SetupCheck):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                self._context.request_probe("loss_diverging")
+
+    probe = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+    diagnostics = Diagnostics(console=False, setup_check=AskingCheck(), lr_probe=probe, gradients=False,
+                              loss_curve=False, activations=False, fit=False, data=False)
+    pl.seed_everything(0)
+    model = Classifier(mlp([64, 64, 10]), lr=3.0, optimizer="adam")
+    fit(tmp_path, model, digits(), None, [diagnostics], max_epochs=1, logger=False)
+    assert len(probe.results) == 1
+    assert [f.step for f in probe.findings if f.code == "lr_too_high"] == [5]
