@@ -168,3 +168,17 @@ def assert_silent(findings: Iterable[Finding], allowed: Iterable[str] = ()) -> N
 def state_equal(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def count_calls(monitor: Any, hook: str) -> List[int]:
+    """Count the calls of ``monitor.<hook>``: the returned list grows by one per call. The counting wrapper is bound to
+    the monitor, so Diagnostics routes (retires, puts to sleep, wakes) it like the original hook."""
+    calls: List[int] = []
+    original = getattr(monitor, hook).__func__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    setattr(monitor, hook, counting.__get__(monitor))
+    return calls

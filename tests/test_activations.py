@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diag import signals
 from diag.callbacks import ActivationMonitor, Monitor
 from diag.stats.activations import FeatureMoments, summarize_all
-from tests.helpers import (Classifier, assert_silent, classifier_for, codes, digits_loaders, fit, loaders_from, mlp,
-                           state_equal, trainer)
+from tests.helpers import (Classifier, assert_silent, classifier_for, codes, count_calls, digits_loaders, fit,
+                           loaders_from, mlp, state_equal, trainer)
 
 H = 100  # hidden width of the BatchNorm paper's MNIST MLP (3 x 100 sigmoid units)
 
@@ -446,14 +446,7 @@ def test_sleeping_between_samples_measures_exactly_what_every_step_calls_measure
     series, calls = {}, {}
     for composed in (False, True):
         monitor = ActivationMonitor(interval=3, window=2, warmup=2)
-        count = []
-        original = monitor.on_train_batch_start.__func__
-
-        def counting(self, *args, _original=original, _count=count):
-            _count.append(1)
-            return _original(self, *args)
-
-        monitor.on_train_batch_start = counting.__get__(monitor)
+        count = count_calls(monitor, "on_train_batch_start")
         callback = Diagnostics(console=False, activations=monitor, gradients=False, loss_curve=False, fit=False,
                                data=False, setup_check=False, lr_probe=False) if composed else monitor
         pl.seed_everything(0)

@@ -14,8 +14,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from diag import signals
 from diag.callbacks import Diagnostics, GradientMonitor
 from diag.stats.gradients import LayerGrouping, UpdateTracker, squared_norms
-from tests.helpers import (Classifier, assert_silent, classifier_for, codes, digits_loaders, fit, loaders_from, mlp,
-                           state_equal)
+from tests.helpers import (Classifier, assert_silent, classifier_for, codes, count_calls, digits_loaders, fit,
+                           loaders_from, mlp, state_equal)
 
 
 def _scaled(net, factor):
@@ -352,14 +352,7 @@ def test_sleeping_between_samples_measures_exactly_what_every_step_calls_measure
     series, calls = {}, {}
     for composed in (False, True):
         monitor = GradientMonitor(interval=7, warmup_steps=2, noise_scale_interval=5)
-        count = []
-        original = monitor.on_before_optimizer_step.__func__
-
-        def counting(self, *args, _original=original, _count=count):
-            _count.append(1)
-            return _original(self, *args)
-
-        monitor.on_before_optimizer_step = counting.__get__(monitor)
+        count = count_calls(monitor, "on_before_optimizer_step")
         callback = Diagnostics(console=False, gradients=monitor, loss_curve=False, activations=False, fit=False,
                                data=False, setup_check=False, lr_probe=False) if composed else monitor
         pl.seed_everything(0)

@@ -23,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diag import signals
 from diag.callbacks import Diagnostics, LearningRateProbe, Monitor
 from diag.probe import run_probe, zero_inputs
-from tests.helpers import (Classifier, classifier_for, codes, digits_loaders, digits_tensors, fit, loaders_from, mlp,
-                           spirals, state_equal)
+from tests.helpers import (Classifier, classifier_for, codes, count_calls, digits_loaders, digits_tensors, fit,
+                           loaders_from, mlp, spirals, state_equal)
 
 VERDICTS = {"lr_too_high", "lr_too_low", "suspected_code_bug"}
 
@@ -575,14 +575,7 @@ def test_a_request_wakes_the_sleeping_probe_inside_diagnostics(tmp_path):
     steps_run = {}
     for composed in (False, True):
         probe = LearningRateProbe(max_probes=1, budget_fraction=1.0)
-        calls = []
-        original = probe.on_train_batch_end.__func__
-
-        def counting(self, *args, _original=original, _calls=calls):
-            _calls.append(1)
-            return _original(self, *args)
-
-        probe.on_train_batch_end = counting.__get__(probe)
+        calls = count_calls(probe, "on_train_batch_end")
         callback = Diagnostics(console=False, lr_probe=probe, gradients=False, loss_curve=False, activations=False,
                                fit=False, data=False, setup_check=False) if composed else probe
         asker = Asker(at=5, reason="loss_diverging")
