@@ -136,14 +136,15 @@ class Diagnostics(Monitor):
         for hook in _PER_STEP_HOOKS:
             self._shadow(hook)
 
-    def _route(self, monitor: Monitor, hook: str, on: bool) -> None:
-        """Add ``monitor`` to (``on``) or remove it from the receivers of ``hook`` (see :meth:`Monitor._retire`)."""
+    def _route(self, monitor: Monitor, hook: str, on: bool) -> bool:
+        """Add ``monitor`` to (``on``) or remove it from the receivers of ``hook`` (see :meth:`Monitor._retire`);
+        ``False`` when it already was (or was not) a receiver."""
         current = self._hooked.get(hook)
         if current is None:
-            return
+            return False
         receivers = {fn.__self__ for fn in current}
         if (monitor in receivers) == on:
-            return
+            return False
         if on:
             receivers.add(monitor)
         else:
@@ -151,14 +152,15 @@ class Diagnostics(Monitor):
         # a new list in monitor order: a loop running over the old one keeps it
         self._hooked[hook] = [getattr(m, hook) for m in self.monitors if m in receivers]
         self._shadow(hook)
+        return True
 
     def _sleep(self, monitor: Monitor, hooks: Iterable[str], until_step: int) -> None:
         """Route ``hooks`` away from ``monitor`` until the global step reaches ``until_step`` (see
         :meth:`Monitor._sleep`): between its sampled steps a monitor costs nothing, not even an early return."""
         for hook in hooks:
-            self._route(monitor, hook, False)
-            self._wakeups.append((until_step, monitor, hook))
-        self._next_wakeup = min(self._next_wakeup, until_step)
+            if self._route(monitor, hook, False):  # (a hook asleep already keeps its wake-up)
+                self._wakeups.append((until_step, monitor, hook))
+                self._next_wakeup = min(self._next_wakeup, until_step)
 
     def _after_batch(self, step: int) -> None:
         if step < self._next_wakeup:

@@ -130,3 +130,22 @@ def test_idle_per_step_hooks_are_hidden_from_lightning_but_not_from_subclasses(t
     assert calls == list(range(6))
     # without gradient accumulation GradientMonitor retires from on_after_backward: hidden too
     assert plain.on_after_backward is None
+
+
+def test_a_hook_put_to_sleep_again_keeps_one_wake_up():
+    """A monitor that asks to sleep on every call (the gradient monitor without a loss monitor does, from its
+    on_train_batch_end) must not queue a wake-up per call: the sleeping hook keeps its first one."""
+    from diag.callbacks import GradientMonitor
+
+    diagnostics = Diagnostics(console=False)
+    monitor = diagnostics.monitor(GradientMonitor)
+    hooks = ("on_train_batch_start", "on_before_optimizer_step")
+    for _ in range(50):
+        monitor._sleep(hooks, 20)
+    assert len(diagnostics._wakeups) == 2 and diagnostics._next_wakeup == 20
+    assert all(fn.__self__ is not monitor for hook in hooks for fn in diagnostics._hooked[hook])
+    diagnostics._after_batch(19)
+    assert len(diagnostics._wakeups) == 2
+    diagnostics._after_batch(20)
+    assert diagnostics._wakeups == [] and all(any(fn.__self__ is monitor for fn in diagnostics._hooked[hook])
+                                              for hook in hooks)
