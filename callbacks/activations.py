@@ -226,8 +226,7 @@ class ActivationMonitor(Monitor):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = int(trainer.global_step)
         if not self._is_sampled(step):
-            # composed: no calls at all until the next sampled step
-            self._sleep(("on_train_batch_start", "on_train_batch_end"), self._schedule.next_due(step))
+            self._sleep_until_sampled(step)
             return
         if not self._plan:
             self._build_plan(pl_module)
@@ -248,7 +247,10 @@ class ActivationMonitor(Monitor):
         self._sampled_in_window += 1
         if self._sampled_in_window >= self.window:
             self._close_window()
-        step = int(trainer.global_step)  # the step the next batch starts with
+        self._sleep_until_sampled(int(trainer.global_step))  # (the step the next batch starts with)
+
+    def _sleep_until_sampled(self, step: int) -> None:
+        """Composed in Diagnostics: no batch hooks at all until the next sampled step at or after ``step``."""
         wake = self._schedule.next_due(step)
         if wake > step:
             self._sleep(("on_train_batch_start", "on_train_batch_end"), wake)

@@ -278,15 +278,13 @@ class GradientMonitor(Monitor):
                 loss = loss.detach()
                 self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
                 self._loss_count += 1
-        if self._sampled_step < 0:
-            self._sleep_until_next_event(trainer, pl_module)
-            return
-        self._sampled_step = -1
-        if self._own_loss and self._context.get(signals.LOSS_SMOOTHED) is not None:
-            self._own_loss = False  # a loss monitor publishes better evidence
-        if self._loss_sum is not None and self._loss_count:
-            self._observe_loss(float(self._loss_sum.float()) / self._loss_count)
-        self._loss_sum, self._loss_count = None, 0
+        if self._sampled_step >= 0:
+            self._sampled_step = -1
+            if self._own_loss and self._context.get(signals.LOSS_SMOOTHED) is not None:
+                self._own_loss = False  # a loss monitor publishes better evidence
+            if self._loss_sum is not None and self._loss_count:
+                self._observe_loss(float(self._loss_sum.float()) / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
         self._sleep_until_next_event(trainer, pl_module)
 
     def _sleep_until_next_event(self, trainer: Any, pl_module: Any) -> None:

@@ -304,6 +304,14 @@ def _diag_outcome(callback: Optional[pl.Callback]) -> Dict[str, Any]:
     return {"internal_errors": internal, "probes": probes, "warnings": loud}
 
 
+def _outcome_suffix(name: str, variant: str, probes: int, loud: set, errors: List[str]) -> str:
+    """The end of a result line: the target, and whatever the watched runs did besides training."""
+    return ((f"   (target <= {TARGETS[name]})" if variant == "diagnostics" else "")
+            + (f"   probe ran {probes}x" if probes else "")
+            + (f"   warnings: {sorted(loud)}" if loud else "")
+            + (f"   INTERNAL ERRORS: {errors}" if errors else ""))
+
+
 def bench_lockstep(name: str, args) -> Dict[str, Any]:
     factory, train, val, default_steps = make_workload(name)
     steps = args.steps or default_steps
@@ -335,10 +343,7 @@ def bench_lockstep(name: str, args) -> Dict[str, Any]:
             }
             print(f"{name:12s} {variant:28s} step {v['baseline_step_ms']:8.2f} -> {v['watched_step_ms']:8.2f} ms   "
                   f"step ratio {v['step_ratio']:.3f} (repeats: {' '.join(f'{x:.3f}' for x in ratios)})"
-                  + (f"   (target <= {TARGETS[name]})" if variant == "diagnostics" else "")
-                  + (f"   probe ran {probes}x" if probes else "")
-                  + (f"   warnings: {sorted(loud)}" if loud else "")
-                  + (f"   INTERNAL ERRORS: {errors}" if errors else ""), flush=True)
+                  + _outcome_suffix(name, variant, probes, loud, errors), flush=True)
     return result
 
 
@@ -388,10 +393,7 @@ def bench(name: str, args) -> Dict[str, Any]:
             print(f"{name:12s} {variant:22s} step {v['baseline_step_ms']:8.2f} -> {v['watched_step_ms']:8.2f} ms   "
                   f"step ratio {v['step_ratio']:.3f} (cpu {v['cpu_step_ratio']:.3f}, fastest runs {v['min_step_ratio']:.3f})"
                   f"   fit ratio {v['fit_ratio']:.3f}"
-                  + (f"   (target <= {TARGETS[name]})" if variant == "diagnostics" else "")
-                  + (f"   probe ran {probes}x" if probes else "")
-                  + (f"   warnings: {sorted(loud)}" if loud else "")
-                  + (f"   INTERNAL ERRORS: {errors}" if errors else ""), flush=True)
+                  + _outcome_suffix(name, variant, probes, loud, errors), flush=True)
     return result
 
 
