@@ -82,9 +82,12 @@ def _guard(name: str, fn: Callable) -> Callable:
     duty_after = duty_hook and not duty_before
     # a monitor composed in Diagnostics (not the root) has duties only here: take the trainer, release its hooks
     composed_duty_hook = name in ("setup", "on_fit_start", "teardown")
+    takes_trainer = name != "load_state_dict"
 
     @functools.wraps(fn)
     def guarded(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
+        if not self._host_known and takes_trainer and self._is_root and self._foreign_host(name, args):
+            return None
         # The base duties (open/flush/close the sinks, set the trainer, release hooks) run once per hook call,
         # at the outermost override, even when the monitor is switched off and whether or not it calls super().
         outermost = duty_hook and (self._is_root or composed_duty_hook) and getattr(type(self), name, None) is guarded
@@ -229,6 +232,25 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         return self._trainer is None or bool(getattr(self._trainer, "is_global_zero", True))
 
     # ---- failure ----------------------------------------------------------------------------------
+    _host_known = False  # a hook got a Trainer (or diag.watch's stand-in for one): see _foreign_host
+
+    def _foreign_host(self, hook: str, args: tuple) -> bool:
+        """Whether ``hook`` came without a Trainer: ``Fabric(callbacks=[...])`` hands hooks whatever ``fabric.call``
+        passes. The monitor then stays off, with one warning that says what to use, instead of failing in every hook."""
+        host = args[0] if args else None
+        if hasattr(host, "global_step"):
+            self._host_known = True
+            return False
+        if not self._disabled:
+            self._disabled = True
+            got = type(host).__name__ if args else "no arguments"
+            log.warning("lightning-diag: %s is a Lightning Trainer callback, but %s got %s instead of a Trainer "
+                        "(Fabric(callbacks=[...]) passes what fabric.call is given); it stays off. In a Fabric or plain "
+                        "PyTorch loop use `session = diag.watch(model, optimizer, loss_fn=loss_fn, fabric=fabric)` and "
+                        "call `session.step(loss, batch)` after each optimizer step (README: Fabric and plain PyTorch).",
+                        self.name, hook, got)
+        return True
+
     def _fail(self, exc: BaseException, hook: str) -> None:
         self._disabled = True
         try:

@@ -10,9 +10,10 @@ from diag.codes import CATALOGUE, CodeInfo, code_info
 from diag.collector import FindingsCollector
 from diag.context import DiagContext
 from diag.findings import Finding, Severity
+from diag.watch import watch
 
 __version__ = "0.1.0"
-__all__ = ["Finding", "Severity", "CATALOGUE", "CodeInfo", "code_info", "FindingsCollector", "DiagContext"]
+__all__ = ["Finding", "Severity", "CATALOGUE", "CodeInfo", "code_info", "FindingsCollector", "DiagContext", "watch"]
 
 # Like Lightning's own loggers: print INFO and above to stderr unless the application configured logging.
 _log = _logging.getLogger(__name__)
