@@ -8,6 +8,7 @@ The Lightning glue only: which hook, which step. Statistics live in :mod:`diag.s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from diag import signals
+from diag.batch import dataclass_fields, is_dataclass_batch
 from diag.detectors import gradients as rules
 from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms
 from diag.stats.noise_scale import GradientNoiseScale
@@ -49,6 +51,8 @@ def _batch_size(batch: Any) -> int:
             n = _batch_size(item)
             if n:
                 return n
+    if is_dataclass_batch(batch):
+        return _batch_size(dataclass_fields(batch))
     return 0
 
 
@@ -62,7 +66,20 @@ def _slice_batch(batch: Any, size: int, keep: int) -> Any:
         return type(batch)(_slice_batch(b, size, keep) for b in batch)
     if isinstance(batch, dict):
         return type(batch)((k, _slice_batch(v, size, keep)) for k, v in batch.items())
+    if is_dataclass_batch(batch):
+        init = {f.name: _slice_batch(getattr(batch, f.name), size, keep) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **init)
     return batch
+
+
+def _norm_view(grad: torch.Tensor) -> torch.Tensor:
+    """A dense tensor with the norm of ``grad``: a sparse gradient's stored values (coalesced: duplicates summed, as
+    ``nn.Embedding(sparse=True)`` leaves them), else ``grad`` itself."""
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    if grad.layout != torch.strided:  # compressed sparse layouts store no duplicates
+        return grad.values()
+    return grad
 
 
 def _step_loss(output: Any) -> Optional[torch.Tensor]:
@@ -247,7 +264,7 @@ class GradientMonitor(Monitor):
                 and self._is_noise_step(trainer.global_step) and pl_module.automatic_optimization):
             # The first micro-batch of the window: .grad holds its gradient alone, scaled by 1/accumulate (Lightning
             # divides the loss) and by the AMP loss scale when a GradScaler is used.
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            grads = [_norm_view(p.grad) for p in pl_module.parameters() if p.grad is not None]
             if grads:
                 sq = squared_norms(grads).sum()
                 scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -345,14 +362,19 @@ class GradientMonitor(Monitor):
     def _measure(self, trainer: Any, pl_module: Any, optimizer: Any, step: int, sampled: bool, noise: bool) -> None:
         state = self._state_for(trainer, pl_module, optimizer)
         g = state.grouping
+        trainable: List[int] = []
+        with_grad: List[int] = []
+        if sampled or noise:
+            trainable = [i for i, p in enumerate(g.params) if p.requires_grad]
+            with_grad = [i for i in trainable if g.params[i].grad is not None]
+            if not with_grad:  # training_step returned None: no backward, and the optimizer step changes nothing
+                sampled = noise = False
         update = state.tracker.observe(start_pair=sampled) if self.track_updates else None
         if not sampled and not noise:
             if update is not None:
                 self._use_update(state, update.keys(), torch.cat(list(update.values())).tolist(), len(g.layers))
             return
-        trainable = [i for i, p in enumerate(g.params) if p.requires_grad]
-        with_grad = [i for i in trainable if g.params[i].grad is not None]
-        grads = [g.params[i].grad.detach() for i in with_grad]
+        grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
         # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio)
         pieces = [squared_norms(grads + [g.params[i].detach() for i in with_grad])] if grads else []
         device = grads[0].device if grads else torch.device("cpu")
@@ -395,10 +417,11 @@ class GradientMonitor(Monitor):
             if sq != 0.0:
                 state.got[i] += 1
         total = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
-        log_total = math.log10(total) if total > 0 and math.isfinite(total) else (float("nan") if total == 0 else float("inf"))
-        if math.isfinite(log_total) and len(state.early_log10_norms) < EARLY_SAMPLES:
-            state.early_log10_norms.append(log_total)
-        state.recent_log10_norms.append(log_total)
+        if total != 0:  # an all-zero gradient (e.g. zeroed, not freed, on a skipped step) says nothing about growth
+            log_total = math.log10(total) if total > 0 and math.isfinite(total) else float("inf")
+            if math.isfinite(log_total) and len(state.early_log10_norms) < EARLY_SAMPLES:
+                state.early_log10_norms.append(log_total)
+            state.recent_log10_norms.append(log_total)
         scalars: Dict[str, float] = {"diag/grad_norm": total}
         nonzero_layers = [j for j in range(len(g.layers)) if layer_has[j] and layer_sq[j] > 0 and math.isfinite(layer_sq[j])]
         for j in nonzero_layers:
@@ -431,6 +454,13 @@ class GradientMonitor(Monitor):
             return None
         world = max(1, int(getattr(trainer, "world_size", 1) or 1))
         device = g.params[with_grad[0]].device
+        if any(g.params[i].grad.layout != torch.strided for i in with_grad):
+            # The pass compares two gradients entry by entry; sparse ones (nn.Embedding(sparse=True)) hold different
+            # entries. Their norms are measured above; the noise scale is not.
+            self.noise_scale_interval = 0
+            log.info("lightning-diag: GradientMonitor does not estimate the gradient noise scale: the model has sparse "
+                     "gradients (gradient norms and updates are still measured).")
+            return None
         if trainer.accumulate_grad_batches > 1:
             if self._micro_sq is None or not self._micro_size or self._window_samples <= self._micro_size:
                 return None

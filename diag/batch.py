@@ -7,7 +7,10 @@ or ``DataMonitor(select=...)``.
 Recognized shapes:
 
 - a tensor: the inputs (no targets);
-- a tuple or list ``(x, y)``: inputs and targets; ``(x, y, ...)`` with more parts: only the inputs ``x``;
+- a tuple or list ``(x, y)``: inputs and targets; ``(x, y, ...)`` with more parts: only the inputs ``x``; a
+  namedtuple is a tuple;
+- a dataclass instance: by its field names when they are the obvious keys below (``Batch(image=..., label=...)``),
+  else its fields in order, like a tuple (``Batch(x, y)``);
 - a mapping with obvious keys: inputs under ``x``, ``input``, ``inputs``, ``image``, ``images``, ``features``,
   ``pixel_values`` or ``input_ids`` (Hugging Face style), targets under ``y``, ``label``, ``labels``, ``target`` or
   ``targets``; an ``attention_mask`` next to ``input_ids`` is kept, so that padding can be left out of a sample.
@@ -73,6 +76,16 @@ def _from_mapping(batch: Mapping[Any, Any]) -> BatchParts:
     return BatchParts(inputs, _same_batch(inputs, targets), mask)
 
 
+def is_dataclass_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a dataclass instance (not a dataclass type)."""
+    return dataclasses.is_dataclass(batch) and not isinstance(batch, type)
+
+
+def dataclass_fields(batch: Any) -> dict:
+    """A dataclass batch's fields in declaration order, as a name -> value mapping (no copies)."""
+    return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+
+
 def split_batch(batch: Any) -> Optional[BatchParts]:
     """The inputs and targets of ``batch`` for the common shapes, or ``None`` when the shape is not recognized."""
     if isinstance(batch, torch.Tensor):
@@ -80,6 +93,10 @@ def split_batch(batch: Any) -> Optional[BatchParts]:
     if isinstance(batch, Mapping):
         parts = _from_mapping(batch)
         return parts if parts.inputs is not None or parts.targets is not None else None
+    if is_dataclass_batch(batch):
+        fields = dataclass_fields(batch)
+        named = split_batch(fields)  # obvious field names first, then the fields in order, like a tuple
+        return named if named is not None and named.inputs is not None else split_batch(tuple(fields.values()))
     if isinstance(batch, (tuple, list)) and batch:
         inputs = _tensor(batch[0])
         if inputs is None or inputs.dim() == 0:
