@@ -10,10 +10,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from diag.codes import code_info
 from diag.context import DiagContext
-from diag.findings import Finding, Severity
-from diag.sinks import ConsoleSink, JsonlSink, LoggerMetricsSink, TensorBoardSink, findings_path
+from diag.findings import Finding, Severity, clip_text
+from diag.sinks import JsonlSink
 
-from ._compat import CALLBACK_BASES, is_tensorboard_logger
+from ._compat import CALLBACK_BASES
+from .outputs import make_sinks
 
 log = logging.getLogger("diag")
 
@@ -21,6 +22,10 @@ log = logging.getLogger("diag")
 # raising into the fit.
 _GUARDED_PREFIXES = ("on_",)
 _GUARDED_NAMES = {"setup", "teardown", "load_state_dict"}
+# An internal error's text in its finding and its warning: the exception's first characters, on one line (the message
+# stays under 500 characters; the full traceback goes to the ``diag`` logger at debug level).
+INTERNAL_ERROR_DETAIL_CHARS = 200
+INTERNAL_ERROR_MESSAGE_CHARS = 500
 # The hooks that carry base duties (see Monitor._run_duty); the other hooks skip that bookkeeping, which on a
 # ~5 ms step was a measurable share of the overhead (two extra calls per hook per monitor).
 _DUTY_HOOKS = frozenset({"setup", "on_fit_start", "on_train_batch_end", "on_train_epoch_end", "on_validation_end",
@@ -93,7 +98,7 @@ def _guard(name: str, fn: Callable) -> Callable:
         outermost = duty_hook and (self._is_root or composed_duty_hook) and getattr(type(self), name, None) is guarded
         result = None
         if outermost and duty_before:
-            self._run_duty(name, "before", args)
+            self._run_duty(name, "before", args, kwargs)
         if not self._disabled:
             try:
                 result = fn(self, *args, **kwargs)
@@ -131,6 +136,11 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         _guard_class(cls)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Monitor":
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)  # a new fit rebuilds the monitor's state from them (see _start_clean)
+        return self
+
     def __init__(self) -> None:
         super().__init__()
         self._context = DiagContext()
@@ -138,6 +148,8 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._disabled = False
         self._trainer: Any = None
         self._owner: Any = None  # the composing Diagnostics, which routes hooks to its monitors
+        self._fits = 0  # fits this object has watched (a reused callback starts each new one clean)
+        self._findings_file: Optional[str] = None
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -161,6 +173,13 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
     def findings(self) -> List[Finding]:
         """All findings of this monitor so far, oldest first."""
         return self._context.collector.findings_of(self.name)
+
+    @property
+    def findings_file(self) -> Optional[str]:
+        """The ``findings.jsonl`` of the current (or last) fit; ``None`` before a fit or when none could be written."""
+        if not self._is_root and self._owner is not None:
+            return self._owner.findings_file
+        return self._findings_file
 
     @property
     def context(self) -> DiagContext:
@@ -259,20 +278,23 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
             pass
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         location = f"{os.path.basename(where.filename)}:{where.lineno}" if where else "?"
+        detail = clip_text(" ".join(str(exc).split()), INTERNAL_ERROR_DETAIL_CHARS)  # one line, bounded
         try:
             self.report(
                 "diag_internal_error",
-                f"{self.name} failed in {hook} ({type(exc).__name__}: {exc}) at {location} and switched itself off.",
+                clip_text(f"{self.name} failed in {hook} ({type(exc).__name__}: {detail}) at {location} and switched "
+                          f"itself off.", INTERNAL_ERROR_MESSAGE_CHARS),
                 advice="Training continues unaffected; the other monitors keep watching. Please report this message "
                        "to the lightning-diag maintainers.",
-                evidence={"monitor": self.name, "hook": hook, "exception": type(exc).__name__, "detail": str(exc)[:500],
+                evidence={"monitor": self.name, "hook": hook, "exception": type(exc).__name__, "detail": detail,
                           "location": location},
                 layer=self.name,
             )
         except Exception:
             pass
         log.warning("lightning-diag: %s switched off after an internal error in %s: %s: %s", self.name, hook,
-                    type(exc).__name__, exc)
+                    type(exc).__name__, detail)
+        log.debug("lightning-diag: %s: the internal error in %s in full", self.name, hook, exc_info=exc)
 
     def _after_batch(self, step: int) -> None:
         """The root's last duty of each training batch, with the global step after it (see Diagnostics)."""
@@ -283,17 +305,24 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
     # ---- Lightning plumbing shared by all monitors -------------------------------------------------
     # Subclasses override any hook freely (no need to call super()): the duties below run around the outermost
     # override of each hook, see _guard.
-    def _run_duty(self, hook: str, when: str, args: tuple) -> None:
+    def _run_duty(self, hook: str, when: str, args: tuple, kwargs: Optional[Mapping[str, Any]] = None) -> None:
         try:
             if when == "before" and hook in ("setup", "on_fit_start") and args:
                 self._trainer = args[0]
+            if when == "before" and hook == "setup" and (kwargs or {}).get("stage", args[2:3] and args[2]) == "fit":
+                if self._fits:  # the same callback object in a new fit (a checkpoint's state is loaded after setup)
+                    self._start_clean()
+                self._fits += 1
             if not self._is_root:
                 if when == "after" and hook == "teardown":
                     self._release()
                 return
             collector = self._context.collector
             if when == "before" and hook == "on_fit_start":
-                collector.open(self._make_sinks(args[0]))
+                sinks = self._make_sinks(args[0])
+                collector.open(sinks)
+                self._findings_file = next((s.path for s in sinks if isinstance(s, JsonlSink) and s.path
+                                            and not s._failed), None)
             elif when == "after" and hook == "on_train_batch_end":
                 step = self.step()
                 collector.flush(step)
@@ -341,20 +370,26 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
     def _make_sinks(self, trainer: Any) -> list:
         if not getattr(trainer, "is_global_zero", True):
             return []  # findings are emitted once, on rank zero
-        sinks: list = []
-        loggers = list(getattr(trainer, "loggers", []) or [])
-        if self._jsonl:
-            sinks.append(JsonlSink(findings_path(_log_dir(trainer))))
-        if self._console:
-            sinks.append(ConsoleSink())
-        if self._tensorboard:
-            tb = [lg for lg in loggers if is_tensorboard_logger(lg)]
-            others = [lg for lg in loggers if not is_tensorboard_logger(lg)]
-            if tb:
-                sinks.append(TensorBoardSink(tb[0].experiment))
-            if others:
-                sinks.append(LoggerMetricsSink(others))
-        return sinks
+        return make_sinks(trainer, console=self._console, jsonl=self._jsonl, tensorboard=self._tensorboard)
+
+    def _start_clean(self) -> None:
+        """Forget the last fit: its findings and statistics, as if the monitor were new (``EarlyStopping`` resets at
+        fit start the same way). The state is rebuilt by the constructor, from the arguments it was given; what ties
+        the monitor into the run (shared context, composing callback, per-instance hook overrides) stays."""
+        if self._is_root:
+            self._context = DiagContext()
+        args, kwargs = self.__dict__.get("_init_args", ((), {}))
+        try:
+            fresh = type(self)(*args, **kwargs)
+        except Exception as exc:  # a subclass that cannot be rebuilt: keep its statistics, start the findings clean
+            log.debug("lightning-diag: %s keeps its statistics for the new fit (%s: %s)", self.name,
+                      type(exc).__name__, exc)
+            return
+        kept = {name: value for name, value in self.__dict__.items()
+                if name in _KEPT_ON_NEW_FIT or (callable(value) and name in _HOOK_NAMES)}
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(kept)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -382,21 +417,9 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
 
 
 _guard_class(Monitor)
-
-
-def _log_dir(trainer: Any) -> str:
-    """``trainer.log_dir`` without its broadcast: that property is a collective under DDP, and sinks are made on
-    rank zero only (calling it there alone deadlocks the ranks). Same choice of directory as Lightning's."""
-    loggers = list(getattr(trainer, "loggers", []) or [])
-    if loggers:
-        first = loggers[0]
-        if is_tensorboard_logger(first) or type(first).__name__ == "CSVLogger":
-            path = first.log_dir
-        else:
-            path = getattr(first, "save_dir", None)
-        if path:
-            return str(path)
-    return str(trainer.default_root_dir)
+# What a monitor keeps when a new fit starts it clean (Monitor._start_clean): what ties it into the run, not its state.
+_KEPT_ON_NEW_FIT = frozenset({"_context", "_is_root", "_owner", "_trainer", "_init_args", "_fits"})
+_HOOK_NAMES = frozenset(n for base in CALLBACK_BASES for n in vars(base) if n.startswith("on_")) | _GUARDED_NAMES
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:

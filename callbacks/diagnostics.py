@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+from diag.context import DiagContext
 from diag.findings import Finding
 
 from ._compat import CALLBACK_BASES
@@ -203,6 +204,13 @@ class Diagnostics(Monitor):
     def _release(self) -> None:
         for monitor in self.monitors:
             monitor._release()
+
+    def _start_clean(self) -> None:
+        """A new fit: a new shared context (no findings, no signals); each monitor then starts clean in its own setup."""
+        self._context = DiagContext()
+        self._findings_file = None
+        for monitor in self.monitors:
+            monitor._attach(self._context)
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()

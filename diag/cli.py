@@ -2,7 +2,8 @@
 
 ``diag report LOG_DIR`` prints the findings of every run below ``LOG_DIR``; ``--fail-on warning`` makes it a CI
 gate for training recipes. Exit status: 0 fine, 1 a finding at ``--fail-on`` or worse, 2 usage error or
-unreadable logs (missing directory, no findings file, a corrupt line).
+unreadable logs (missing directory, no findings file, a corrupt line). An unfinished last line (a run killed mid-write)
+is skipped with a one-line warning on stderr; the status is then that of the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ exit status:
   0  no finding at --fail-on or worse (or no --fail-on given)
   1  a finding at --fail-on or worse exists (the CI gate failed)
   2  bad arguments, missing directory, no findings.jsonl below it, or a corrupt line
+     (an unfinished last line, left by a run killed mid-write, is skipped with a warning
+     and does not change the status)
 
 examples:
   diag report lightning_logs                       every run below lightning_logs
@@ -71,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _report(args: argparse.Namespace) -> int:
     runs = load_runs(args.log_dir)
+    for run in runs:
+        for warning in run.warnings:
+            print(f"diag report: warning: {warning}", file=sys.stderr)
     min_severity = Severity(args.min_severity)
     if args.json:
         json.dump([run.to_dict(min_severity) for run in runs], sys.stdout, indent=2, ensure_ascii=False)

@@ -9,6 +9,17 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 EvidenceValue = Union[float, int, str]
 
+# A finding is read in a terminal, a TensorBoard table cell and a CI log: its text stays short whatever produced it
+# (an exception's text can run to 14,000 characters, e.g. a sparse-gradient NotImplementedError listing every
+# dispatch key). The longest message a rule writes is about 600 characters.
+MAX_TEXT_CHARS = 1000
+MAX_EVIDENCE_TEXT_CHARS = 500
+
+
+def clip_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
 
 class Severity(str, Enum):
     """How sure and how serious a finding is.
@@ -49,7 +60,7 @@ def _clean_evidence_value(value: Any) -> EvidenceValue:
         return value if math.isfinite(value) else str(value)
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:  # 0-d tensors / numpy scalars
         return _clean_evidence_value(value.item())
-    return str(value)
+    return clip_text(str(value), MAX_EVIDENCE_TEXT_CHARS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,8 @@ class Finding:
         object.__setattr__(self, "severity", Severity.parse(self.severity))
         object.__setattr__(self, "step", int(self.step))
         object.__setattr__(self, "epoch", int(self.epoch))
+        object.__setattr__(self, "message", clip_text(str(self.message)))
+        object.__setattr__(self, "advice", clip_text(str(self.advice)))
         object.__setattr__(self, "evidence", {str(k): _clean_evidence_value(v) for k, v in dict(self.evidence).items()})
 
     @property

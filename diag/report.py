@@ -44,12 +44,14 @@ class RunFindings:
         log_dir: the run's log_dir (the folder holding ``diag/findings.jsonl``).
         path: the ``findings.jsonl`` file.
         findings: the run's findings, worst first (then by step); the last line per ``(code, layer)`` wins.
+        warnings: what was skipped while reading (an unfinished last line), one line each, naming the file.
     """
 
     name: str
     log_dir: str
     path: str
     findings: List[Finding]
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self, min_severity: Severity = Severity.INFO) -> Dict[str, Any]:
         return {
@@ -107,13 +109,14 @@ def _run_name(root: str, log_dir: str) -> str:
 def load_run(path: str, name: Optional[str] = None) -> RunFindings:
     """Read one ``findings.jsonl``.
 
+    An unfinished last line (a run killed mid-write, or still running) is skipped and noted in ``warnings``.
+
     Raises:
         ReportError: the file cannot be read or a line is not a finding (the message names file and line).
     """
+    warnings: List[str] = []
     try:
-        findings = read_findings(path)
-    except UnicodeDecodeError as exc:
-        raise ReportError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); is this a findings.jsonl?") from None
+        findings = read_findings(path, on_skip=warnings.append)
     except ValueError as exc:  # read_findings names the file and the line
         raise ReportError(str(exc)) from None
     except OSError as exc:
@@ -121,7 +124,7 @@ def load_run(path: str, name: Optional[str] = None) -> RunFindings:
     diag_dir = os.path.dirname(path)
     log_dir = os.path.dirname(diag_dir) if os.path.basename(diag_dir) == FINDINGS_FOLDER else diag_dir
     return RunFindings(name=name or os.path.normpath(log_dir or "."), log_dir=log_dir or ".", path=path,
-                       findings=_ordered(findings))
+                       findings=_ordered(findings), warnings=warnings)
 
 
 def load_runs(root: str) -> List[RunFindings]:

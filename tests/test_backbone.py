@@ -96,7 +96,9 @@ def test_logger_false_still_collects_and_writes_jsonl(tmp_path):
     t = trainer(tmp_path, [monitor], max_epochs=1, logger=False)
     t.fit(Classifier(mlp([64, 10])), train)
     assert [f.code for f in monitor.findings] == ["loss_plateau", "diag_internal_error"]
-    assert os.path.exists(os.path.join(str(tmp_path), "diag", "findings.jsonl"))
+    # no logger: a new folder per fit, where Lightning's default logger would have put the run
+    assert monitor.findings_file == os.path.join(str(tmp_path), "lightning_logs", "version_0", "diag", "findings.jsonl")
+    assert os.path.exists(monitor.findings_file)
 
 
 def test_diagnostics_rejects_bad_arguments():

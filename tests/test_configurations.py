@@ -77,8 +77,7 @@ def assert_healthy_fit(trainer, callback: Diagnostics, log: DiagLogRecords) -> N
     assert_no_internal_error(callback.findings)
     assert_silent(callback.findings)
     assert not log.messages(), "the diag logger warned on a healthy run:\n" + "\n".join(log.messages())
-    log_dir = trainer.log_dir or trainer.default_root_dir
-    path = os.path.join(log_dir, "diag", "findings.jsonl")
+    path = callback.findings_file or os.path.join(trainer.log_dir or trainer.default_root_dir, "diag", "findings.jsonl")
     if callback._jsonl and os.path.exists(path):
         assert {f.key: f.severity for f in read_findings(path)} == {f.key: f.severity for f in callback.findings}
     elif callback._jsonl:
@@ -368,7 +367,10 @@ def test_monitors_side_by_side_share_one_jsonl(tmp_path, diag_log):
     trainer.fit(module, train, val)
     expected = {f.key: f.severity for m in monitors for f in m.findings}
     assert len({type(m).__name__ for m in monitors if m.findings}) >= 2, "the test needs findings from two monitors"
-    written = {f.key: f.severity for f in read_findings(os.path.join(str(tmp_path), "diag", "findings.jsonl"))}
+    assert len({m.findings_file for m in monitors}) == 1, "monitors of one fit write one file"
+    assert monitors[0].findings_file == os.path.join(str(tmp_path), "lightning_logs", "version_0", "diag",
+                                                     "findings.jsonl")
+    written = {f.key: f.severity for f in read_findings(monitors[0].findings_file)}
     assert written == expected
 
 

@@ -273,7 +273,7 @@ def test_resume_keeps_history_and_reports_nothing_twice(tmp_path):
     t2.fit(Classifier(mlp([64, 256, 256, 10]), lr=1e-2), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert second.history.count == 12 and second.history.best.epoch == first.history.best.epoch
     assert [f.code for f in second.findings].count("overfitting") == 1
-    lines = [json.loads(line) for line in open(os.path.join(str(tmp_path), "diag", "findings.jsonl"))]
+    lines = [json.loads(line) for line in open(second.findings_file)]  # the resumed fit's own folder
     assert [d["code"] for d in lines].count("overfitting") == 1
 
 

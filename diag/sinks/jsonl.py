@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Optional, Sequence
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from diag.findings import Finding
 from diag.sinks.base import Sink
@@ -13,36 +14,70 @@ from diag.sinks.base import Sink
 log = logging.getLogger("diag")
 
 FILE_NAME = "findings.jsonl"
+# A fit without a run folder of its own (no logger) gets a new one per fit, numbered like Lightning's loggers number
+# theirs, so that no fit writes over another's findings.
+VERSION_PREFIX = "version_"
 
 # Monitors used side by side (each a callback of its own, each with its own sinks) write to the same file: they
-# share one handle, opened (truncated) by the first and closed by the last, so that their lines never overwrite
-# each other. Absolute path -> [file, number of sinks using it].
+# share one handle, opened by the first and closed by the last, so that their lines never overwrite each other.
+# Absolute path -> [file, number of sinks using it].
 _SHARED: Dict[str, list] = {}
+# The new version folder of each fit under way, by (root, fit): monitors used side by side in one fit share it.
+_FIT_FOLDERS: Dict[Tuple[str, Any], str] = {}
 
 
 def findings_path(log_dir: str) -> str:
     return os.path.join(log_dir, "diag", FILE_NAME)
 
 
+def new_version_dir(root: str) -> str:
+    """Create and return ``root/version_N``, ``N`` one above the highest version already there (a folder no other fit
+    uses, also when several processes start at once). Raises ``OSError`` when ``root`` cannot be written."""
+    os.makedirs(root, exist_ok=True)
+    taken = [int(m.group(1)) for m in (re.fullmatch(VERSION_PREFIX + r"(\d+)", name) for name in os.listdir(root)) if m]
+    number = max(taken, default=-1) + 1
+    while True:
+        path = os.path.join(root, f"{VERSION_PREFIX}{number}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            number += 1
+
+
 class JsonlSink(Sink):
     """Writes each new (or more severe) finding as one JSON line; a reader keeps the last line per (code, layer).
+
+    The file is appended to, never truncated: a fit that finds another fit's findings in its folder (a logger with a
+    fixed ``version``) keeps them. ``JsonlSink(new_version_under=root, fit=key)`` writes to a new ``root/version_N``
+    made when the fit starts (:func:`new_version_dir`), one per ``fit``: sinks opened with the same key while the first
+    is open (monitors used side by side in one fit) share it.
 
     A directory that cannot be written is reported once as a warning and the sink switches itself off:
     training goes on.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: Optional[str] = None, new_version_under: Optional[str] = None, fit: Any = None) -> None:
+        if (path is None) == (new_version_under is None):
+            raise ValueError("JsonlSink needs either `path` or `new_version_under`.")
         self.path = path
+        self.new_version_under = new_version_under
+        self.fit = fit
         self._file = None
         self._failed = False
 
     def open(self, findings: Sequence[Finding]) -> None:
         try:
+            if self.path is None:
+                fit = (os.path.abspath(str(self.new_version_under)), self.fit)
+                if fit not in _FIT_FOLDERS:
+                    _FIT_FOLDERS[fit] = findings_path(new_version_dir(str(self.new_version_under)))
+                self.path = _FIT_FOLDERS[fit]
             key = os.path.abspath(self.path)
             shared = _SHARED.get(key)
             if shared is None or shared[0].closed:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                shared = _SHARED[key] = [open(self.path, "w", encoding="utf-8"), 0]
+                shared = _SHARED[key] = [open(self.path, "a", encoding="utf-8"), 0]
             shared[1] += 1
             self._file = shared[0]
             for f in findings:  # restored from a checkpoint: the file holds the whole run's findings
@@ -55,7 +90,7 @@ class JsonlSink(Sink):
             log.warning(
                 "lightning-diag: cannot write findings to %s (%s). Findings still reach the console, "
                 "TensorBoard and `.findings`; give the Trainer a writable `default_root_dir` or logger save_dir.",
-                self.path, exc,
+                self.path or os.path.join(str(self.new_version_under), VERSION_PREFIX + "N"), exc,
             )
         self._failed = True
         self._file = None
@@ -74,7 +109,7 @@ class JsonlSink(Sink):
 
     def close(self, findings: Sequence[Finding]) -> None:
         if self._file is not None:
-            key = os.path.abspath(self.path)
+            key = os.path.abspath(str(self.path))
             shared = _SHARED.get(key)
             if shared is not None and shared[0] is self._file:
                 shared[1] -= 1
@@ -87,18 +122,44 @@ class JsonlSink(Sink):
             except OSError:
                 pass
         self._file = None
+        for fit in [fit for fit, path in _FIT_FOLDERS.items() if path == self.path]:
+            del _FIT_FOLDERS[fit]  # the fit is over: a next fit gets a new folder
 
 
-def read_findings(path: str) -> list:
-    """Read a ``findings.jsonl``; the last line per ``(code, layer)`` wins. Raises ``ValueError`` naming a bad line."""
+def read_findings(path: str, on_skip: Optional[Callable[[str], None]] = None) -> List[Finding]:
+    """Read a ``findings.jsonl``; the last line per ``(code, layer)`` wins.
+
+    An unfinished last line (no line end, not a finding: the writer was killed mid-line, or is still writing) is
+    skipped: ``on_skip`` (default: a warning on the ``diag`` logger) gets one line naming the file. Any other line
+    that is not a finding raises ``ValueError`` naming the file and the line.
+    """
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    unfinished = lines.pop()  # after the last line end: b"" when the file ends with one
     found: dict = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    for lineno, raw in enumerate(lines + [unfinished], 1):
+        last = lineno == len(lines) + 1
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            f = Finding.from_dict(json.loads(text))
+        except UnicodeDecodeError as exc:
+            if last:
+                _skip(path, lineno, on_skip)
                 continue
-            try:
-                f = Finding.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"{path}, line {lineno}: not a finding ({exc}). The line reads: {line.strip()[:200]!r}") from None
-            found[f.key] = f
+            raise ValueError(f"{path}, line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line); "
+                             f"is this a findings.jsonl?") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            if last:
+                _skip(path, lineno, on_skip)
+                continue
+            raise ValueError(f"{path}, line {lineno}: not a finding ({exc}). The line reads: {text.strip()[:200]!r}") from None
+        found[f.key] = f
     return list(found.values())
+
+
+def _skip(path: str, lineno: int, on_skip: Optional[Callable[[str], None]]) -> None:
+    message = (f"{path}, line {lineno}: skipped an unfinished last line (the run was stopped while writing it, "
+               f"or is still running); the findings before it are read.")
+    (on_skip or log.warning)(message)

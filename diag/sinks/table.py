@@ -9,7 +9,8 @@ from diag.findings import Finding
 COLUMNS = ("severity", "step", "code", "layer", "message", "advice")
 
 
-def _cells(f: Finding) -> List[str]:
+def cells(f: Finding) -> List[str]:
+    """The :data:`COLUMNS` of one finding, as text."""
     return [f.severity.value, str(f.step), f.code, f.layer or "", f.message, f.advice]
 
 
@@ -24,7 +25,7 @@ def markdown_table(findings: Sequence[Finding]) -> str:
     ordered = sorted(findings, key=lambda f: (-f.severity.rank, f.step))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for f in ordered:
-        lines.append("| " + " | ".join(_md_escape(c) for c in _cells(f)) + " |")
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells(f)) + " |")
     return "\n".join(lines)
 
 
@@ -39,7 +40,7 @@ def text_table(findings: Sequence[Finding], width: int = 60) -> str:
     header = "  ".join(c.ljust(widths[c]) for c in COLUMNS)
     out = [header, "-" * len(header)]
     for f in ordered:
-        wrapped = [textwrap.wrap(c, widths[col]) or [""] for col, c in zip(COLUMNS, _cells(f))]
+        wrapped = [textwrap.wrap(c, widths[col]) or [""] for col, c in zip(COLUMNS, cells(f))]
         for row in range(max(len(w) for w in wrapped)):
             out.append("  ".join((w[row] if row < len(w) else "").ljust(widths[col]) for col, w in zip(COLUMNS, wrapped)).rstrip())
     return "\n".join(out)

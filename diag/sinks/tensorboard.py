@@ -1,4 +1,6 @@
-"""TensorBoard sink: ``diag/...`` scalars, the ``diag/findings`` markdown table and a custom-scalars layout."""
+"""TensorBoard sink: ``diag/...`` scalars, the ``diag/findings`` markdown table and a custom-scalars layout.
+
+Other loggers: :mod:`diag.sinks.loggers`."""
 
 from __future__ import annotations
 
@@ -80,18 +82,3 @@ class TensorBoardSink(Sink):
             self.writer.flush()
         except Exception:  # a writer closed by its logger already
             pass
-
-
-class LoggerMetricsSink(Sink):
-    """For loggers other than TensorBoard: scalars through ``logger.log_metrics``."""
-
-    def __init__(self, loggers: Sequence[Any]) -> None:
-        self.loggers = list(loggers)
-
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        metrics = {k: float(v) for k, v in scalars.items()}
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
-
-    def flush(self, findings: Sequence[Finding], step: int) -> None:
-        self.log_scalars(severity_counts(findings), step)
