@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from torch import nn
 from diag.findings import Finding
 
 from ._compat import TENSORBOARD_LOGGERS
+from .data import DataMonitor
 from .diagnostics import Diagnostics
 from .gradients import GradientMonitor
 
@@ -53,8 +54,10 @@ log = logging.getLogger("diag")
 OPTIONS = ("loss_curve", "lr_probe", "gradients", "activations", "fit", "setup_check", "data", "console", "jsonl",
            "tensorboard")
 # The previous batch stands in for the current one in on_train_batch_start (see the module docstring). It is kept only
-# while a monitor can still read it: the data monitor reads the first ``max_batches`` (8) batches, the setup check the
-# first one. Later iterations hand over None and hold no extra batch in memory.
+# while a monitor can still read it: the setup check reads the first one, the data monitor its first ``max_batches`` (8)
+# for input statistics and hashes, and every batch of its first epoch for the label counts. A plain loop has no epochs:
+# the data monitor's first epoch ends after this many batches (it then judges the labels and stops reading batches, as
+# after a Trainer's first epoch); later iterations hand over None and hold no extra batch in memory.
 STAND_IN_BATCHES = 16
 MAX_MESSAGE = 500  # characters of an internal error's text in the one warning the session prints
 
@@ -290,9 +293,9 @@ class WatchSession:
         self._batch_idx = 0
         self._previous_batch: Any = None
         self._handles: List[Any] = []
-        with self._calling("diag.watch"):
-            for hook in ("setup",):
-                self._call(hook, self.trainer, self.view, "fit")
+        self._busy = True
+        try:
+            self._call("setup", self.trainer, self.view, "fit")
             for hook in ("on_fit_start", "on_train_start", "on_train_epoch_start"):
                 self._call(hook, self.trainer, self.view)
             self._handles = [
@@ -301,6 +304,10 @@ class WatchSession:
                 inner_optimizer.register_step_post_hook(self._after_optimizer_step),
             ]
             self._start_pending = True
+        except Exception as exc:
+            self._error("diag.watch", exc)
+        finally:
+            self._busy = False
 
     # ---- what the user sees -------------------------------------------------------------------------
     @property
@@ -323,14 +330,20 @@ class WatchSession:
             if not self._failed:
                 self._warn_once("session.step was called after session.close(); the session no longer watches.")
             return
-        with self._calling("session.step"):
+        self._busy = True
+        try:
             if self._start_pending:  # the model's forward did not go through its __call__ (or no forward at all)
                 self._start_batch()
-            outputs = self._outputs(loss)
-            self._call("on_train_batch_end", self.trainer, self.view, outputs, batch, self._batch_idx)
+            self._call("on_train_batch_end", self.trainer, self.view, self._outputs(loss), batch, self._batch_idx)
             self._batch_idx += 1
             self._previous_batch = batch if self._batch_idx < STAND_IN_BATCHES else None
+            if self._batch_idx == STAND_IN_BATCHES:
+                self._end_data_epoch()
             self._start_pending = True
+        except Exception as exc:
+            self._error("session.step", exc)
+        finally:
+            self._busy = False
 
     def close(self) -> None:
         """End the watch: last judgements, the summary, files closed, every hook removed. Idempotent."""
@@ -345,8 +358,13 @@ class WatchSession:
     # ---- the loop's moments -------------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if self._start_pending and not self._busy and torch.is_grad_enabled():
-            with self._calling("the model's forward"):
+            self._busy = True
+            try:
                 self._start_batch()
+            except Exception as exc:
+                self._error("the model's forward", exc)
+            finally:
+                self._busy = False
 
     def _start_batch(self) -> None:
         self._start_pending = False
@@ -355,21 +373,33 @@ class WatchSession:
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._busy or self._closed:
             return
-        with self._calling("the optimizer's step"):
+        self._busy = True
+        try:
             if self._start_pending:
                 self._start_batch()
             self._call("on_before_backward", self.trainer, self.view, None)
             self._call("on_after_backward", self.trainer, self.view)
             self._call("on_before_optimizer_step", self.trainer, self.view, self._optimizer)
+        except Exception as exc:
+            self._error("the optimizer's step", exc)
+        finally:
+            self._busy = False
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._busy and not self._closed:
             self.trainer.global_step += 1
 
+    def _end_data_epoch(self) -> None:
+        """The end of the data monitor's first epoch (see ``STAND_IN_BATCHES``); the other monitors have no epochs here."""
+        for monitor in self.diagnostics.monitors:
+            if isinstance(monitor, DataMonitor):
+                monitor.on_train_epoch_end(self.trainer, self.view)
+
     def _end(self, exc: Optional[BaseException]) -> None:
         if self._closed:
             return
-        with self._calling("session.close"):
+        self._busy = True
+        try:
             if exc is None:
                 self._call("on_train_epoch_end", self.trainer, self.view)
                 self._call("on_train_end", self.trainer, self.view)
@@ -377,6 +407,10 @@ class WatchSession:
             else:
                 self._call("on_exception", self.trainer, self.view, exc)
             self._call("teardown", self.trainer, self.view, "fit")
+        except Exception as error:
+            self._error("session.close", error)
+        finally:
+            self._busy = False
         self._shut()
 
     # ---- plumbing -----------------------------------------------------------------------------------
@@ -394,23 +428,15 @@ class WatchSession:
         if callable(method):  # (Diagnostics hides a per-step hook no monitor needs right now: see its _shadow)
             method(*args)
 
-    @contextlib.contextmanager
-    def _calling(self, where: str) -> Iterator[None]:
-        """Never break the loop: an error of the session itself (the monitors guard their own) ends the watch."""
-        if self._closed:
-            yield
-            return
-        busy, self._busy = self._busy, True
-        try:
-            yield
-        except Exception as exc:  # see SPEC "Never breaks the user's fit"
-            self._failed = True
-            self._warn_once(f"diag.watch stopped watching after an internal error in {where}: "
-                            f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE]}")
-            log.debug("lightning-diag: diag.watch internal error", exc_info=True)
-            self._shut()
-        finally:
-            self._busy = busy
+    def _error(self, where: str, exc: Exception) -> None:
+        """Never break the loop (SPEC "Never breaks the user's fit"): an error of the session itself (the monitors guard
+        their own) ends the watch, with one bounded warning; the traceback goes to the ``diag`` logger at debug level."""
+        self._failed = True
+        detail = " ".join(str(exc).split())[:MAX_MESSAGE]
+        self._warn_once(f"diag.watch stopped watching after an internal error in {where}: {type(exc).__name__}: "
+                        f"{detail}")
+        log.debug("lightning-diag: diag.watch internal error in %s", where, exc_info=exc)
+        self._shut()
 
     def _warn_once(self, message: str) -> None:
         if not getattr(self, "_warned", False):
