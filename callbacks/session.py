@@ -248,14 +248,17 @@ class WatchSession:
                                        and hasattr(fabric, "world_size") and hasattr(fabric, "global_rank")):
             raise TypeError(f"`fabric` must be a lightning Fabric object (or None), got {type(fabric).__name__}.")
         total_steps = options.pop("total_steps", None)
+        resume = options.pop("resume", None)
+        if resume is not None and not (isinstance(resume, dict) and "diagnostics" in resume):
+            raise TypeError(f"`resume` must be a dict from session.state_dict() or None, got {type(resume).__name__}.")
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"`total_steps` must be a positive integer (the optimizer steps the loop will take) or "
                              f"None, got {total_steps!r}.")
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; diag.watch takes total_steps and "
-                             f"the options of Diagnostics: {', '.join(OPTIONS)}.")
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; diag.watch takes total_steps, resume "
+                             f"and the options of Diagnostics: {', '.join(OPTIONS)}.")
 
         self._log_dir = os.fspath(log_dir) if log_dir is not None else None
         self._fabric = fabric
@@ -296,6 +299,10 @@ class WatchSession:
         self._busy = True
         try:
             self._call("setup", self.trainer, self.view, "fit")
+            if resume is not None:  # as a Trainer restores a checkpoint: after setup, before on_fit_start
+                self.trainer.global_step = int(resume.get("global_step", 0))
+                self._batch_idx = int(resume.get("batch_idx", 0))
+                self.diagnostics.load_state_dict(resume["diagnostics"])
             for hook in ("on_fit_start", "on_train_start", "on_train_epoch_start"):
                 self._call(hook, self.trainer, self.view)
             self._handles = [
@@ -323,6 +330,13 @@ class WatchSession:
     @property
     def log_dir(self) -> Optional[str]:
         return self._log_dir
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The monitors' state (findings included, O(layers)) and the step count: save it with the model's checkpoint
+        and pass it back as ``diag.watch(..., resume=state)``; the resumed session keeps the findings and does not
+        report them again."""
+        return {"global_step": self.trainer.global_step, "batch_idx": self._batch_idx,
+                "diagnostics": self.diagnostics.state_dict()}
 
     def step(self, loss: Any = None, batch: Any = None) -> None:
         """Call once per iteration, after ``optimizer.step()``, with the iteration's loss and batch."""

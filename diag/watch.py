@@ -38,7 +38,8 @@ def watch(model: "torch.nn.Module", optimizer: "torch.optim.Optimizer", *,
         fabric: the ``lightning.fabric.Fabric`` running the loop: statistics are reduced through it across processes
             and only global rank zero writes.
         **options: ``total_steps``: the optimizer steps the loop will take, if known (the learning-rate probe's time
-            budget is a share of the whole run, as in a Trainer; unknown, it is a share of the time so far); and the
+            budget is a share of the whole run, as in a Trainer; unknown, it is a share of the time so far);
+            ``resume``: a ``session.state_dict()`` saved with a checkpoint (the findings are kept, not repeated); and the
             options of :class:`diag.callbacks.Diagnostics` (``loss_curve``, ``lr_probe``, ``gradients``,
             ``activations``, ``fit``, ``setup_check``, ``data``, ``console``, ``jsonl``, ``tensorboard``). The fit
             monitor is off by default (it needs validation losses) and the gradient noise scale is not measured.

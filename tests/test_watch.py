@@ -412,3 +412,32 @@ def test_two_processes_reduce_and_write_once(ddp_results, scenario):
         if "lr_too_high" not in found:
             reasons = [line for line in r0["printed"] + r0["info"] if "LearningRateProbe did not run" in line]
             pytest.xfail(f"the learning-rate probe does not run under DDP yet: {reasons}")
+
+
+def test_resume_keeps_findings_and_does_not_repeat_them(tmp_path, caplog):
+    """``session.state_dict()`` saved halfway, ``diag.watch(..., resume=state)`` after: the findings of the first half
+    are kept (in ``.findings`` and the new run's JSONL), not printed again, and the step count goes on."""
+    torch.manual_seed(0)
+    model = mlp([64, 64, 10])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-2)  # adam_coupled_weight_decay at once
+    batches = list(digits_loader())
+    with caplog.at_level(logging.WARNING, logger="diag"):
+        for half, part in enumerate((batches[:11], batches[11:])):
+            settings = dict(loss_fn=loss_fn, log_dir=str(tmp_path / f"half{half}"))
+            if half:
+                settings["resume"] = state
+            with diag.watch(model, optimizer, **settings) as session:
+                for batch in part:
+                    loss = loss_fn(model, batch)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    session.step(loss, batch)
+                state = session.state_dict()
+    assert session.global_step == len(batches)
+    kept = by_code(session.findings, "adam_coupled_weight_decay")
+    assert kept.step == 0 and [f.code for f in session.findings].count("adam_coupled_weight_decay") == 1
+    assert "adam_coupled_weight_decay" in {f.code for f in read_findings(str(tmp_path / "half1" / "diag" / "findings.jsonl"))}
+    printed = [r.getMessage() for r in caplog.records if "adam_coupled_weight_decay" in r.getMessage()
+               and r.levelno == logging.WARNING]
+    assert len(printed) == 1, printed
