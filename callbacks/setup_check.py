@@ -140,7 +140,8 @@ class SetupCheck(Monitor):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._handles:
             self._release()
-            self._judge_normalization(pl_module, self._armed_batch)
+            # (the batch armed at the start; diag.watch arms before it knows the batch, and hands it over here)
+            self._judge_normalization(pl_module, self._armed_batch if self._armed_batch is not None else batch)
             self._armed_batch = None
         self._check_escalation()
         if not self._handles and (self._normalization_done or not self.check_normalization) and (

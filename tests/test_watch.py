@@ -441,3 +441,24 @@ def test_resume_keeps_findings_and_does_not_repeat_them(tmp_path, caplog):
     printed = [r.getMessage() for r in caplog.records if "adam_coupled_weight_decay" in r.getMessage()
                and r.levelno == logging.WARNING]
     assert len(printed) == 1, printed
+
+
+def test_first_batch_checks_see_the_batch(tmp_path):
+    """The setup check arms its BatchNorm hooks before the first forward, when the session does not know the batch yet:
+    it judges with the batch ``session.step`` hands over (the batch size tells tokens flattened into the batch axis)."""
+    from .helpers import loaders_from
+    from .test_setup_check import EmbedFlatBatchNorm, token_data
+
+    torch.manual_seed(0)
+    train_loader, _ = loaders_from(*token_data(), batch_size=32)
+    model = EmbedFlatBatchNorm()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with diag.watch(model, optimizer, loss_fn=loss_fn, console=False) as session:
+        for batch in train_loader:
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            session.step(loss, batch)
+    finding = by_code(session.findings, "batchnorm_on_sequence")
+    assert finding.layer == "norm" and "embedding embed" in finding.message
