@@ -208,6 +208,33 @@ class ModelView(nn.Module):
             return self._loss_fn(self._call_model, batch)
 
 
+class _Inert:
+    """What a copy of a watched model gets in place of the session's hook: nothing."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _LoopHook:
+    """The session's hook on the user's model. ``copy.deepcopy(model)`` (an EMA copy, a best-model snapshot) and
+    ``torch.save(model)`` copy a module's hooks: the copy gets an inert hook, not a copy of the session (which holds
+    open files, and would watch a model that is not trained)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: Any) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self) -> Any:
+        return (_Inert, ())
+
+
 def _make_logger(log_dir: str) -> Any:
     """A Lightning ``TensorBoardLogger`` writing to ``log_dir`` itself (no ``name``/``version`` folders): the monitors'
     sinks then write to it exactly as in a Trainer (scalars, the findings table, the layout, ``diag/findings.jsonl``)."""
@@ -306,7 +333,7 @@ class WatchSession:
             for hook in ("on_fit_start", "on_train_start", "on_train_epoch_start"):
                 self._call(hook, self.trainer, self.view)
             self._handles = [
-                self._module.register_forward_pre_hook(self._on_forward),
+                self._module.register_forward_pre_hook(_LoopHook(self._on_forward)),
                 inner_optimizer.register_step_pre_hook(self._before_optimizer_step),
                 inner_optimizer.register_step_post_hook(self._after_optimizer_step),
             ]

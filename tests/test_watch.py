@@ -462,3 +462,32 @@ def test_first_batch_checks_see_the_batch(tmp_path):
             session.step(loss, batch)
     finding = by_code(session.findings, "batchnorm_on_sequence")
     assert finding.layer == "norm" and "embedding embed" in finding.message
+
+
+def test_a_watched_model_can_be_copied_and_saved(tmp_path):
+    """``copy.deepcopy(model)`` (an EMA or best-model copy) and ``torch.save(model)`` in the loop: they work, and the
+    copy carries an inert hook instead of a copy of the session."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = mlp([64, 32, 10])
+    optimizer = torch.optim.SGD(model.parameters(), lr=GOOD_LR)
+    copies = []
+    with diag.watch(model, optimizer, loss_fn=loss_fn, log_dir=str(tmp_path), console=False) as session:
+        for i, batch in enumerate(digits_loader()):
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            session.step(loss, batch)
+            if i % 5 == 0:
+                copies.append(copy.deepcopy(model))
+                torch.save(model, io.BytesIO())
+                copies[-1](batch[0]).sum().backward()  # a forward and backward of the copy: not the loop's
+    assert session.global_step == len(digits_loader())
+    no_internal_error(session.findings)
+    restored = io.BytesIO()
+    torch.save(copies[-1], restored)
+    restored.seek(0)
+    torch.load(restored, weights_only=False)(batch[0])
