@@ -309,6 +309,11 @@ class LossCurveMonitor(Monitor):
             scalars["diag/loss"] = self._last_raw
         self.log_scalars(scalars)
         warming_up = self._lr_rising()  # read at every check, so a rise between any two checks is seen
+        if "impossible_loss" not in self._requested:  # from the first check: no warm-up protects a negated loss
+            impossible = rules.impossible_loss(stats, self._chance_level())
+            if impossible is not None:
+                self._requested.add("impossible_loss")  # raised once; the probe cannot judge a loss without a floor
+                self._raise(impossible)
         if not past_warmup:
             self._check_spike()
             return

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Dict, Optional, Union
 
-from diag.stats.loss import LossStatistics
+from diag.stats.loss import LossStatistics, median
 
 Evidence = Dict[str, Union[float, int, str]]
 
@@ -135,6 +135,76 @@ def loss_spike(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
          "ratio_to_start": _r(smoothed / start), "threshold_ratio": factor, "chance_level": _r(chance_level),
          "steps_seen": stats.count, "transient": 1},
         "info",
+    )
+
+
+# ---- impossible loss: the objective is wrong -------------------------------------------------------------------
+# Cross-entropy, NLL, BCE and KL are never below zero: a classifier's loss (C classes known) that starts at -ln C and
+# keeps falling is the negated cross-entropy at init (the model is being trained to be wrong), and one below
+# -2 max(1, ln C) is reachable by no bounded classification objective (a negated Dice score stops at -1, an entropy
+# bonus at -ln C). Measured (digits MLP, loss = -cross_entropy): the first loss is -2.34 against -ln 10 = -2.30 for
+# every optimizer; Adam 1e-3 reaches -3.8 by step 50, -137 by step 300; SGD+momentum 0.1 reaches -1400 by step 20.
+# F.nll_loss on raw logits (the log_softmax left out) falls without bound the same way. Healthy classifiers never
+# produce a negative loss.
+NEGATED_START_TOLERANCE = 0.25  # first loss within 25% of -ln C (the unexpected-initial-loss rule allows 60% above)
+NEGATED_FALL_MARGIN = 0.05  # ... and the smoothed and recent losses 5% of |ln C| below that first loss
+IMPOSSIBLE_BELOW_CHANCE = 2.0  # a classifier's loss below -2 max(1, ln C)
+# Without a class count (regression, custom objectives): a loss that went negative, sits at least this many times its
+# first value's magnitude below zero, and falls at least as fast in the newest third of the window as in the one
+# before (not levelling off: a Gaussian NLL whose variance shrinks decelerates like a logarithm) is falling without
+# bound.
+UNBOUNDED_MAGNITUDE = 10.0
+UNBOUNDED_MIN_VALUES = 30
+
+
+def _thirds(stats: LossStatistics) -> Optional[tuple]:
+    values = list(stats.window)
+    if len(values) < UNBOUNDED_MIN_VALUES:
+        return None
+    k = len(values) // 3
+    return median(values[:k]), median(values[k:2 * k]), median(values[2 * k:])
+
+
+def impossible_loss(stats: LossStatistics, chance_level: Optional[float] = None) -> Optional[LossVerdict]:
+    """``suspected_code_bug`` when the loss is below what its objective can reach or falls without bound."""
+    first, smoothed = stats.initial, stats.smoothed
+    if first is None or smoothed is None or len(stats.window) < DIVERGE_RECENT_STEPS:
+        return None
+    recent = stats.recent_level(DIVERGE_RECENT_STEPS)
+    level = max(smoothed, recent)  # both must be below the bound: one odd batch is not enough
+    evidence: Evidence = {"first_loss": _r(first), "smoothed_loss": _r(smoothed), "recent_median_loss": _r(recent),
+                          "steps_seen": stats.count}
+    seen = ""
+    if chance_level is not None and chance_level > 0:
+        evidence["chance_level"] = _r(chance_level)
+        negated_start = abs(first + chance_level) <= NEGATED_START_TOLERANCE * chance_level
+        if negated_start and level < first - NEGATED_FALL_MARGIN * chance_level:
+            seen = (f"The training loss started at {first:.4g}, about minus the chance level ln C = {chance_level:.4g}, "
+                    f"and keeps falling (now {smoothed:.4g}): that is a negated cross-entropy, which training drives "
+                    "towards confidently wrong predictions.")
+        elif level < -IMPOSSIBLE_BELOW_CHANCE * max(1.0, chance_level):
+            seen = (f"The training loss is {smoothed:.4g}, far below zero: no cross-entropy, NLL, BCE or KL can be "
+                    f"negative (chance level ln C = {chance_level:.4g}).")
+    if not seen and level < 0:
+        thirds = _thirds(stats)
+        if thirds is not None:
+            older, middle, newest = thirds
+            falling = older > middle > newest and (middle - newest) >= (older - middle)
+            far = -level >= UNBOUNDED_MAGNITUDE * max(abs(first), 1e-12) and level < min(first, older)
+            if falling and far:
+                evidence.update(third_medians=f"{older:.4g}, {middle:.4g}, {newest:.4g}")
+                seen = (f"The training loss fell from {first:.4g} to {smoothed:.4g} and is still falling as fast as ever "
+                        f"(medians of the window's thirds {older:.4g}, {middle:.4g}, {newest:.4g}): a loss that falls "
+                        "without bound has no minimum to find.")
+    if not seen:
+        return None
+    return LossVerdict(
+        "suspected_code_bug",
+        seen,
+        "The loss is being maximized or has no lower bound: check its sign (a stray minus, `-loss`, or a score such as "
+        "accuracy or a log-likelihood returned as the loss), that F.nll_loss receives log_softmax outputs (not raw "
+        "logits), and that the loss compares the model's output with the right targets.",
+        evidence,
     )
 
 
