@@ -15,11 +15,13 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 import torch
 
 from diag import signals
-from diag.detectors.lr_probe import judge, judge_wrecked
-from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeResult, ProbeUnavailable,
-                        WeightSnapshot, optimizer_state_finite, run_probe, weights_finite, zero_inputs)
+from diag.detectors.lr_probe import (Verdict, collapsed_after_progress, judge, judge_collapse, judge_control,
+                                     judge_wrecked)
+from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
+                        ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state, map_batch,
+                        optimizer_state_finite, reinitialize, run_probe, weights_finite, zero_inputs)
 
-from .base import Monitor, check_fraction, check_positive_int
+from .base import Monitor, check_positive_float, check_positive_int
 
 log = logging.getLogger("diag")
 
@@ -35,6 +37,11 @@ LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscilla
 # lr=0.5 on two moons, probed at step 10 from the current weights: lr_ok in 4 of 5 initializations, the current rate
 # now fits the batch), so the probe replays from the last snapshot, saved before the burst (from there the current
 # rate diverges on the batch and 1/10 of it fits it, in 5 of 5).
+# Other symptoms are probed from the current weights first (Adam at lr=3 on the digits MLP, asked at step 5: from the
+# current weights 1x blows the held-out half up and 1/10 fits; replayed from the start, 1x still fits the batch), and
+# again from the last snapshot taken while training was healthy when the current weights show nothing fits (a digits
+# MLP under SGD at lr 1.5 that learned to 0.07 and then blew up: from the wrecked weights no rate fits anything, which
+# read as a code bug). Non-finite weights always start from the snapshot.
 REPLAY_REASONS = ("loss_spike",)
 
 
@@ -125,7 +132,7 @@ class LearningRateProbe(Monitor):
         self,
         preflight_step: Optional[int] = None,
         max_probes: int = 3,
-        budget_fraction: float = 0.10,
+        budget_fraction: Optional[float] = 0.10,
         steps: int = DEFAULT_STEPS,
         factors: Sequence[float] = DEFAULT_FACTORS,
         batch_samples: int = DEFAULT_BATCH_SAMPLES,
@@ -137,7 +144,8 @@ class LearningRateProbe(Monitor):
             check_positive_int("preflight_step", preflight_step, minimum=0)
         self.preflight_step = preflight_step
         self.max_probes = check_positive_int("max_probes", max_probes, minimum=0)
-        self.budget_fraction = check_fraction("budget_fraction", budget_fraction)
+        self.budget_fraction = None if budget_fraction is None else check_positive_float("budget_fraction",
+                                                                                          budget_fraction)
         self.steps = check_positive_int("steps", steps, minimum=2)
         self.batch_samples = check_positive_int("batch_samples", batch_samples, minimum=4)
         self.snapshot_interval = check_positive_int("snapshot_interval", snapshot_interval, minimum=0)
@@ -165,7 +173,7 @@ class LearningRateProbe(Monitor):
         self._probes_run = 0
         self._preflight_done = False
         self._probed_reasons: set = set()
-        self._symptom_probed = False  # a probe for a loss symptom (LOSS_SYMPTOMS) has run in this fit
+        self._fit_start_step = 0
         self._snapshot: Optional[WeightSnapshot] = None
         self._snapshot_loss = math.inf
         self._snapshot_tried = 0
@@ -187,6 +195,7 @@ class LearningRateProbe(Monitor):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._fit_started = time.perf_counter()
+        self._fit_start_step = int(trainer.global_step)
         optimizer = self._optimizer(trainer)
         if self.snapshot_interval and self.max_probes and optimizer is not None and \
                 sum(p.numel() for p in pl_module.parameters()) <= SNAPSHOT_MAX_PARAMETERS:
@@ -210,11 +219,10 @@ class LearningRateProbe(Monitor):
             reasons.append("preflight")
         if not reasons:
             return
-        strong = any(r in LOSS_SYMPTOMS for r in reasons)
-        if not self._allowed(trainer, pl_module, exempt=strong and not self._symptom_probed):
-            return
-        self._symptom_probed = self._symptom_probed or strong
         self._probed_reasons.update(reasons)
+        if not self._allowed(trainer, pl_module, reasons):
+            self._report_collapse(trainer, reasons, None, None)  # the loss curve alone still tells a collapse
+            return
         self._probe(trainer, pl_module, batch, batch_idx, reasons)
 
     def _sleep_until_due(self, step: int) -> None:
@@ -272,45 +280,67 @@ class LearningRateProbe(Monitor):
         if snapshot.is_finite() and optimizer_state_finite(snapshot.optimizer_state):
             self._snapshot, self._snapshot_loss = snapshot, value
 
-    def _note_skip(self, why: str) -> None:
-        if not self._skip_noted:
-            self._skip_noted = True
-            log.info("lightning-diag: LearningRateProbe did not run: %s", why)
+    def _note_skip(self, why: str, reasons: Sequence[str] = ()) -> None:
+        """Say once per fit, in the console and as an ``info`` finding, why a requested probe gave no verdict."""
+        if self._skip_noted:
+            return
+        log.info("lightning-diag: LearningRateProbe did not run: %s", why)
+        if not any(r in LOSS_SYMPTOMS for r in reasons):
+            return  # a hint (a small update, a preflight) that went unprobed is no news for the findings table
+        self._skip_noted = True
+        trigger = f" (asked for by: {', '.join(reasons)})" if reasons else ""
+        self.report("probe_skipped", f"The learning-rate probe gave no verdict at step {self.step()}{trigger}: {why}.",
+                    evidence={"why": why, "trigger": ", ".join(reasons), "probe_seconds": round(self._probe_seconds, 4)})
 
-    def _allowed(self, trainer: Any, pl_module: Any, exempt: bool = False) -> bool:
-        """Whether a probe may run now. ``exempt``: the first probe for a loss symptom runs whatever the time budget
-        (a diagnosis of a visibly broken run is worth one probe; an earlier probe on a weaker hint must not use it up)."""
+    def _budget_left(self, trainer: Any) -> Optional[float]:
+        """Seconds the probes may still take: ``budget_fraction`` of the fit's projected time (its time per step so far,
+        probes excluded, times the steps it will run) minus what probes took already. ``None``: no limit."""
+        if self.budget_fraction is None or self._fit_started is None:
+            return None
+        elapsed = max(time.perf_counter() - self._fit_started - self._probe_seconds, 0.0)
+        done = max(int(trainer.global_step) - self._fit_start_step, 1)
+        total = self._total_steps(trainer)
+        projected = elapsed / done * total if total is not None and total >= done else elapsed
+        return self.budget_fraction * max(projected, elapsed) - self._probe_seconds
+
+    def _total_steps(self, trainer: Any) -> Optional[float]:
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:
+            return None
+        return total if math.isfinite(total) and total > 0 else None
+
+    def _allowed(self, trainer: Any, pl_module: Any, reasons: Sequence[str] = ()) -> bool:
+        """Whether a probe may run now (the time budget is checked inside the sweep, on its first factor's time)."""
+        why = None
         if self._probes_run >= self.max_probes:
-            self._note_skip(f"max_probes={self.max_probes} reached")
+            why = f"max_probes={self.max_probes} reached"
+        elif self.world_size() > 1:
+            why = "runs on a single process only (world size > 1)"
+        elif not getattr(pl_module, "automatic_optimization", True):
+            why = ("manual optimization: the probe calls training_step on a copy of the state, which would step your "
+                   "optimizers; no learning-rate verdict is possible")
+        elif self._optimizer(trainer) is None:
+            why = "no optimizer"
+        elif (self._budget_left(trainer) if self.budget_fraction is not None else math.inf) <= 0:
+            why = f"its time budget ({self.budget_fraction:g} of the fit's time) is used up"
+        if why is not None:
+            self._note_skip(why, reasons)
             return False
-        if self.world_size() > 1:
-            self._note_skip("runs on a single process only (world size > 1)")
-            return False
-        if not getattr(pl_module, "automatic_optimization", True):
-            self._note_skip("manual optimization: the probe cannot train a copy without stepping your optimizers")
-            return False
-        if self._optimizer(trainer) is None:
-            self._note_skip("no optimizer")
-            return False
-        if self._probes_run >= 1 and self._fit_started is not None and not exempt:
-            elapsed = time.perf_counter() - self._fit_started
-            last = self._probe_seconds / self._probes_run
-            if (self._probe_seconds + last) / (elapsed + last) > self.budget_fraction:  # projected share of the fit
-                self._note_skip(f"budget: probes took {self._probe_seconds:.2f}s of {elapsed:.2f}s")
-                return False
         return True
 
     def _probe(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, reasons: List[str]) -> None:
         optimizer = self._optimizer(trainer)
+        step = int(trainer.global_step)
         snapshot = None
         replay = False  # probing from the snapshot because the symptom lies in the past (REPLAY_REASONS)
         if not weights_finite(pl_module) or not optimizer_state_finite(optimizer.state_dict()):
             snapshot = self._snapshot
             if snapshot is None:
-                self._note_skip("weights are non-finite and there is no finite snapshot to start from")
+                self._note_skip("weights are non-finite and there is no finite snapshot to start from", reasons)
+                self._report_collapse(trainer, reasons, None, None)
                 return
-        elif any(r in REPLAY_REASONS for r in reasons) and self._snapshot is not None \
-                and self._snapshot.step < int(trainer.global_step):
+        elif any(r in REPLAY_REASONS for r in reasons) and self._snapshot is not None and self._snapshot.step < step:
             snapshot, replay = self._snapshot, True
 
         def loss_fn(b: Any) -> torch.Tensor:
@@ -322,45 +352,89 @@ class LearningRateProbe(Monitor):
             return out
 
         self._probes_run += 1
-        result = self._run(pl_module, optimizer, loss_fn, batch, snapshot)
+        result = self._run(trainer, pl_module, optimizer, loss_fn, batch, snapshot, reasons)
         if result is None:
-            self._note_skip("the batch could not be split, or its loss is not a positive finite number")
+            self._report_collapse(trainer, reasons, None, snapshot)
             return
-        trained = snapshot.step if replay else int(trainer.global_step)
+        trained = snapshot.step if snapshot is not None else step
         verdict = judge(result, trained_steps=trained, reasons=reasons)
         if replay and verdict.code != "lr_ok":
             verdict.message = (verdict.message.rstrip(".") + f" (probed from the weights of step {snapshot.step}, saved "
-                               f"before the loss spiked by step {int(trainer.global_step)}).")
+                               f"before the loss misbehaved by step {step}).")
         if verdict.code == "suspected_code_bug" and snapshot is None and self._snapshot is not None \
-                and self._snapshot.step < int(trainer.global_step) and "best_progress" in verdict.evidence:
+                and self._snapshot.step < step and "best_progress" in verdict.evidence:
             # Nothing fits from the current weights: training may have wrecked them (units that died at a too-high
             # learning rate). Ask again from the last good snapshot: if the batch fits from there, it is not the code.
-            again = self._run(pl_module, optimizer, loss_fn, batch, self._snapshot)
+            again = self._run(trainer, pl_module, optimizer, loss_fn, batch, self._snapshot, reasons)
             if again is not None:
                 second = judge_wrecked(result, again, self._snapshot.step, trained_steps=self._snapshot.step,
                                        reasons=reasons)
                 if second is not None:
                     result, verdict = again, second
+        if verdict.code == "suspected_code_bug":
+            # A code bug is what no rate fixes from any healthy initialization: the same sweep from a fresh one decides.
+            kept: List[str] = []
+
+            def fresh() -> None:
+                kept.extend(reinitialize(pl_module))
+
+            control = self._run(trainer, pl_module, optimizer, loss_fn, batch, None, reasons, prepare=fresh,
+                                opt_state=fresh_optimizer_state(optimizer), quiet=True)
+            verdict = judge_control(verdict, result, control, trained, kept, reasons)
+        if self._report_collapse(trainer, reasons, verdict, snapshot):
+            verdict = None  # reported
         self.results.append(result)
-        self._context.publish(signals.PROBE_VERDICT, verdict.code)
-        self._context.publish(signals.PROBE_SUGGESTED_LR, verdict.suggested_lr)
+        if verdict is None:
+            return
+        self._publish(verdict)
         scalars = {f"diag/probe/loss_fraction@x{r.factor:g}": min(r.loss_fraction, 10.0) for r in result.factors}
         self.log_scalars(scalars)
         if verdict.code != "lr_ok":
-            evidence = {**result.evidence(), **verdict.evidence, "trigger": ", ".join(reasons)}
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence)
+            evidence = {**result.evidence(), **verdict.evidence, "trigger": ", ".join(reasons),
+                        "probe_seconds_total": round(self._probe_seconds, 4)}
+            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence, layer=verdict.layer,
+                        severity=verdict.severity)
 
-    def _run(self, pl_module: Any, optimizer: Any, loss_fn: Callable, batch: Any,
-             snapshot: Optional[WeightSnapshot]) -> Optional[ProbeResult]:
+    def _publish(self, verdict: Verdict) -> None:
+        # an unconfirmed code bug (info) is no verdict other monitors may act on
+        code = "lr_ok" if verdict.severity == "info" else verdict.code
+        self._context.publish(signals.PROBE_VERDICT, code)
+        self._context.publish(signals.PROBE_SUGGESTED_LR, verdict.suggested_lr)
+
+    def _report_collapse(self, trainer: Any, reasons: Sequence[str], verdict: Optional[Verdict],
+                         snapshot: Optional[WeightSnapshot]) -> bool:
+        """A run that learned and then collapsed: ``lr_too_high`` whatever the probe saw. Returns whether it reported."""
+        initial, best = self._context.get(signals.LOSS_INITIAL), self._context.get(signals.LOSS_BEST)
+        if not collapsed_after_progress(reasons, initial, best):
+            return False
+        optimizer = self._optimizer(trainer)
+        if optimizer is None:
+            return False
+        final = judge_collapse(verdict, current_lr(optimizer), float(initial), float(best), int(trainer.global_step),
+                               snapshot.step if snapshot is not None else None)
+        self._publish(final)
+        evidence = {**final.evidence, "trigger": ", ".join(reasons), "probe_seconds_total": round(self._probe_seconds, 4)}
+        self.report(final.code, final.message, advice=final.advice, evidence=evidence)
+        return True
+
+    def _run(self, trainer: Any, pl_module: Any, optimizer: Any, loss_fn: Callable, batch: Any,
+             snapshot: Optional[WeightSnapshot], reasons: Sequence[str], prepare: Optional[Callable[[], None]] = None,
+             opt_state: Optional[dict] = None, quiet: bool = False) -> Optional[ProbeResult]:
         started = time.perf_counter()
         self._context.publish(signals.PROBE_RUNNING, True)
         try:
             with quiet_logging(pl_module):
                 return run_probe(pl_module, optimizer, loss_fn, batch, factors=self.factors, steps=self.steps,
                                  batch_samples=self.batch_samples, zero_fn=self.input_zeroer or zero_inputs,
-                                 snapshot=snapshot)
+                                 snapshot=snapshot, opt_state=opt_state, prepare=prepare,
+                                 budget_seconds=self._budget_left(trainer))
+        except ProbeOverBudget as exc:
+            if not quiet:
+                self._note_skip(f"{exc} ({self.budget_fraction:g} of this fit's projected time); a longer fit, or "
+                                "LearningRateProbe(budget_fraction=...), lets it run", reasons)
+            return None
         except ProbeUnavailable as exc:
-            self._note_skip(str(exc))
+            self._note_skip(str(exc), reasons)
             return None
         finally:
             self._context.publish(signals.PROBE_RUNNING, False)

@@ -59,6 +59,8 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Lower the learning rate, fix a negative bias initialization, or use LeakyReLU/GELU."),
         _c("saturated_activations", "warning", "sigmoid/tanh units are stuck at their limits",
            "Scale down the initialization (Xavier), normalize inputs, or add BatchNorm before the activation."),
+        _c("bad_initialization", "warning", "from the initial weights no learning rate fits a fixed batch, while a freshly initialized copy does",
+           "Use the layers' default initialization (He/Kaiming for ReLU, Xavier for tanh/sigmoid) with zero biases; check custom init code."),
         _c("batchnorm_on_sequence", "warning", "BatchNorm normalizes across a sequence/token axis",
            "Use LayerNorm over the feature dimension for sequence models."),
         _c("batchnorm_small_batch", "warning", "BatchNorm sees too few samples per batch to estimate statistics",
@@ -83,6 +85,8 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Use class weights in the loss, a WeightedRandomSampler, or report per-class metrics."),
         _c("train_val_overlap", "warning", "identical samples are in the training and validation data",
            "Deduplicate before splitting, and split by a group key (user, document) when samples are related."),
+        _c("probe_skipped", "info", "a learning-rate probe was asked for but gave no verdict (budget, manual optimization, ...)",
+           "Read the reason in the message; a longer fit or LearningRateProbe(budget_fraction=...) lets the probe run."),
         _c("diag_internal_error", "info", "a monitor failed internally and switched itself off",
            "Training continues unaffected; please report the message in the evidence to the lightning-diag maintainers."),
     ]

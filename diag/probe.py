@@ -61,6 +61,15 @@ class ProbeUnavailable(Exception):
     """The probe cannot run on this model or optimizer (the reason is in the message); not an internal error."""
 
 
+class ProbeOverBudget(ProbeUnavailable):
+    """The sweep would take longer than the time it was given (measured on its first factor); nothing was judged."""
+
+    def __init__(self, projected: float, allowed: float) -> None:
+        super().__init__(f"a sweep would take about {projected:.2f}s (measured on its first learning rate), more than "
+                         f"the {allowed:.2f}s its budget allows")
+        self.projected, self.allowed = projected, allowed
+
+
 @dataclasses.dataclass
 class FactorResult:
     factor: float
@@ -83,6 +92,8 @@ class FactorResult:
     @property
     def heldout_ratio(self) -> float:
         """Held-out loss after the steps over before (below 1: what was learned on A carried over to B)."""
+        if math.isnan(self.heldout_loss) and not self.diverged:
+            return 1.0  # nothing held out (a batch that could not be split)
         if self.diverged or not math.isfinite(self.heldout_loss):
             return math.inf
         if not self.heldout_start_loss > 0:
@@ -126,6 +137,11 @@ class ProbeResult:
     seconds: float = 0.0
     trainable_params: int = 0  # parameters the optimizer trains (capacity, for the code-bug rules)
     first_last_grad_ratio: float = math.nan  # gradient norm of the first weight matrix over the last one's
+    # Units that do nothing on the probe's batch at its starting weights, per activation module: (kind, share of units),
+    # kind "dead" (a ReLU-family unit at zero for every sample) or "saturated" (sigmoid/tanh at its limits for all).
+    unit_states: Dict[str, Tuple[str, float]] = dataclasses.field(default_factory=dict)
+    whole_batch: bool = False  # the batch could not be split (a stateful model): fitted whole, nothing held out
+    fresh_init: bool = False  # this sweep started from a fresh initialization (the control before a code-bug verdict)
 
     def factor(self, f: float) -> Optional[FactorResult]:
         return next((r for r in self.factors if math.isclose(r.factor, f, rel_tol=1e-6)), None)
@@ -169,6 +185,8 @@ class ProbeResult:
             ev["params_without_gradient"] = ", ".join(self.params_without_gradient[:8])
         if self.from_snapshot:
             ev["from_last_finite_snapshot"] = 1
+        if self.whole_batch:
+            ev["whole_batch_no_heldout"] = 1
         ev["probe_seconds"] = round(self.seconds, 4)
         return ev
 
@@ -249,6 +267,15 @@ def _metric_modules(module: nn.Module) -> List[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "_defaults") and hasattr(m, "_update_count")]
 
 
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+_MISSING = object()
+
+
+def _plain_attributes(m: nn.Module) -> Dict[str, Any]:
+    """The bindings of a module's own attributes (not its parameters, buffers or submodules): a shallow copy."""
+    return {k: v for k, v in m.__dict__.items() if k not in _MODULE_DICTS}
+
+
 class RestorePoint:
     """Everything of ``module`` (and the process RNGs) the probe may change, saved to be put back bitwise."""
 
@@ -257,6 +284,10 @@ class RestorePoint:
         self.params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()]
         self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
         self.modes = [(m, m.training) for m in module.modules()]
+        # Plain attributes a training_step may rebind (an RNN's hidden state carried across batches: ``self.hidden``):
+        # their bindings are put back between factors and at the end, so each factor starts from the same state and
+        # the next training batch sees the state the last one left.
+        self.attributes = [(m, _plain_attributes(m)) for m in module.modules()]
         self.metrics = [(m, {name: copy.deepcopy(getattr(m, name)) for name in m._defaults},
                          m._update_count, getattr(m, "_computed", None)) for m in _metric_modules(module)]
         self.rng_cpu = torch.get_rng_state()
@@ -266,13 +297,23 @@ class RestorePoint:
         self.grad_enabled = torch.is_grad_enabled()
 
     def restore_weights(self) -> None:
-        """Parameter values and buffers only (between factors); grads are cleared."""
+        """Parameter values, buffers and attribute bindings (between factors); grads are cleared."""
         with torch.no_grad():
             for p, saved, _, _ in self.params:
                 p.copy_(saved)
                 p.grad = None
             for b, saved in self.buffers:
                 b.copy_(saved)
+        self._restore_attributes()
+
+    def _restore_attributes(self) -> None:
+        for m, saved in self.attributes:
+            now = m.__dict__
+            for name in [k for k in now if k not in saved and k not in _MODULE_DICTS]:
+                del now[name]
+            for name, value in saved.items():
+                if now.get(name, _MISSING) is not value:
+                    now[name] = value
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -284,6 +325,7 @@ class RestorePoint:
                 b.copy_(saved)
         for m, training in self.modes:
             m.training = training
+        self._restore_attributes()
         for m, states, count, computed in self.metrics:
             for name, value in states.items():
                 setattr(m, name, value)
@@ -420,10 +462,75 @@ def _record_output(module: nn.Module, fn: Callable[[], Any]) -> Tuple[Any, Any]:
     return value, seen.get("top", seen.get("leaf"))
 
 
+_DEAD_KINDS = (nn.ReLU, nn.ReLU6)
+_SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardtanh: (-1.0, 1.0)}
+# A sigmoid/tanh unit is saturated when its output stays within this share of its range from a limit for every sample
+# (its derivative is then below ~2% of its peak).
+SATURATION_MARGIN = 0.01
+
+
+def _unit_axis(t: torch.Tensor) -> int:
+    return 1 if t.dim() == 4 else t.dim() - 1  # conv maps [N, C, H, W]: channels; else the last (feature) axis
+
+
+def _record_unit_states(module: nn.Module) -> Tuple[Dict[str, Tuple[str, float]], List[Any]]:
+    """Forward hooks that record, per activation module, the share of units that do nothing on the batch."""
+    states: Dict[str, Tuple[str, float]] = {}
+    handles = []
+
+    def hook_for(name: str, kind: str, low: float = 0.0, high: float = 0.0) -> Callable:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or out.dim() < 2 or not out.is_floating_point() or name in states:
+                return
+            o = out.detach().float()
+            o = o.movedim(_unit_axis(o), -1).reshape(-1, o.shape[_unit_axis(o)])
+            if kind == "dead":
+                idle = (o <= 0).all(0)
+            else:
+                margin = SATURATION_MARGIN * (high - low)
+                idle = ((o <= low + margin) | (o >= high - margin)).all(0)
+            states[name] = (kind, float(idle.float().mean()))
+        return hook
+
+    for name, m in module.named_modules():
+        if isinstance(m, _DEAD_KINDS):
+            handles.append(m.register_forward_hook(hook_for(name, "dead")))
+        else:
+            for cls, (low, high) in _SATURATING.items():
+                if type(m) is cls:
+                    handles.append(m.register_forward_hook(hook_for(name, "saturated", low, high)))
+    return states, handles
+
+
+def fresh_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """``optimizer``'s state dict without per-parameter state (momenta, Adam moments): a fresh start."""
+    state = optimizer.state_dict()
+    return {"state": {}, "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+def reinitialize(module: nn.Module, seed: int = PROBE_SEED) -> List[str]:
+    """Re-initialize ``module`` in place with each submodule's ``reset_parameters()`` under a fixed seed (the
+    caller saves and restores the weights and RNG states). Returns the names of submodules that hold parameters of
+    their own but have no ``reset_parameters`` (they keep their current values)."""
+    torch.manual_seed(seed)
+    kept: List[str] = []
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            elif any(True for _ in m.parameters(recurse=False)):
+                kept.append(name or type(m).__name__)
+    # a submodule reset after its parent may have been covered by the parent's reset already: harmless
+    return kept
+
+
 def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any], torch.Tensor],
               batch: Any, factors: Sequence[float] = DEFAULT_FACTORS, steps: int = DEFAULT_STEPS,
               batch_samples: int = DEFAULT_BATCH_SAMPLES, zero_fn: Callable[[Any], Any] = zero_inputs,
-              snapshot: Optional[WeightSnapshot] = None, extra_decades: int = MAX_EXTRA_DECADES) -> Optional[ProbeResult]:
+              snapshot: Optional[WeightSnapshot] = None, extra_decades: int = MAX_EXTRA_DECADES,
+              opt_state: Optional[Dict[str, Any]] = None, budget_seconds: Optional[float] = None,
+              prepare: Optional[Callable[[], None]] = None) -> Optional[ProbeResult]:
     """Sweep the learning rate on a frozen batch, starting from the current state (or ``snapshot``).
 
     Args:
@@ -436,23 +543,29 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
         steps: optimizer steps per factor.
         zero_fn: ``batch -> batch`` with the inputs zeroed, for the input-independent baseline.
         snapshot: start from these weights and optimizer state instead of the current ones (non-finite weights).
+        opt_state: start from this optimizer state instead of the optimizer's (or the snapshot's).
+        budget_seconds: when the first factor's time says the whole sweep would take longer, raise
+            :class:`ProbeOverBudget` (extra decades also stop when the time is used up).
+        prepare: called once the state is saved and before anything runs (the fresh-initialization control
+            re-initializes the module there); everything it changes is restored too.
 
-    Returns ``None`` when the batch cannot be split or the starting loss is not a positive finite number.
+    A batch whose halves the model cannot take (a stateful model whose hidden state is sized to the full batch) is
+    fitted whole, with nothing held out (``whole_batch``). Returns ``None`` when the batch has fewer than 4 samples or
+    the starting loss is not a positive finite number.
     """
     started = time.perf_counter()
     parts = split_batch(batch, batch_samples)
     if parts is None:
         return None
-    fit_part, held_part = parts
-    fit_zero, held_zero = zero_fn(fit_part), zero_fn(held_part)
     point = RestorePoint(module)
     try:
         torch.set_grad_enabled(True)
+        if prepare is not None:
+            prepare()
         if snapshot is not None:
             snapshot.load_into(module)
-            opt_state = snapshot.optimizer_state
-        else:
-            opt_state = copy.deepcopy(optimizer.state_dict())
+        if opt_state is None:
+            opt_state = snapshot.optimizer_state if snapshot is not None else copy.deepcopy(optimizer.state_dict())
         start = RestorePoint(module)  # the probe's starting weights (== the snapshot's when given)
         base_lr = current_lr(optimizer)
 
@@ -461,15 +574,36 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                 loss = loss_fn(b)
             return float(loss.detach())
 
+        fit_part, held_part = parts
+        whole = False
         torch.manual_seed(PROBE_SEED)
-        start_loss_t, output = _record_output(module, lambda: loss_fn(fit_part))
+        unit_states, unit_hooks = _record_unit_states(module)
+        try:
+            try:
+                start_loss_t, output = _record_output(module, lambda: loss_fn(fit_part))
+            except ProbeUnavailable:
+                raise
+            except Exception:
+                # The model cannot take half a batch (a hidden state sized to the full batch): fit it whole.
+                start.restore_weights()
+                fit_part, held_part, whole = map_batch(batch, lambda t: t.detach().clone()), None, True
+                unit_states.clear()
+                torch.manual_seed(PROBE_SEED)
+                start_loss_t, output = _record_output(module, lambda: loss_fn(fit_part))
+        finally:
+            for h in unit_hooks:
+                h.remove()
         start_loss = float(start_loss_t.detach())
         start.restore_weights()
         if not math.isfinite(start_loss) or start_loss <= 0:
             return None
-        torch.manual_seed(PROBE_SEED)
-        start_held = evaluate(held_part)
-        start.restore_weights()
+        fit_zero = zero_fn(fit_part)
+        held_zero = zero_fn(held_part) if held_part is not None else None
+        start_held = math.nan
+        if held_part is not None:
+            torch.manual_seed(PROBE_SEED)
+            start_held = evaluate(held_part)
+            start.restore_weights()
 
         held_zero_start = math.nan  # set before the zero-input fit
         missing: List[str] = []
@@ -508,16 +642,26 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
             final = math.inf if diverged else evaluate(part)
             if math.isfinite(final) and final > DIVERGED_RATIO * start_loss:
                 diverged = True
-            held_loss = math.inf if diverged else evaluate(held)
+            held_loss = math.nan if held is None else math.inf if diverged else evaluate(held)
             del opt
             return FactorResult(factor, base_lr * factor, first, final, held_loss, ran, diverged, peak,
                                 start_held if part is fit_part else held_zero_start)
 
         results: List[FactorResult] = []
-        for i, f in enumerate(sorted(factors)):
+        ordered_factors = sorted(factors)
+        for i, f in enumerate(ordered_factors):
             results.append(train(f, fit_part, held_part, note_missing=(i == 0)))
+            if i == 0 and budget_seconds is not None:
+                # the first factor runs all its steps unless it diverges (the smallest rarely does): its time times the
+                # runs still to come (the other factors and the zero-input fit) is what the sweep will cost
+                projected = (time.perf_counter() - started) * (len(ordered_factors) + 1)
+                if projected > budget_seconds:
+                    raise ProbeOverBudget(projected, budget_seconds)
+        per_run = (time.perf_counter() - started) / max(len(results), 1)
         # extend the sweep by a decade while the best factor sits at an edge and improves on its neighbour
         for _ in range(extra_decades):
+            if budget_seconds is not None and time.perf_counter() - started + 2 * per_run > budget_seconds:
+                break  # keep the time for the zero-input fit
             ordered = sorted(results, key=lambda r: r.factor)
             best = max(ordered, key=lambda r: r.progress)
             if best.progress >= EDGE_DONE_PROGRESS:
@@ -535,22 +679,25 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                 break
         probabilities = looks_like_probabilities(output)
         result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=_batch_len(fit_part) or 0,
-                             samples_heldout=_batch_len(held_part) or 0, start_loss=start_loss,
+                             samples_heldout=_batch_len(held_part) or 0 if held_part is not None else 0,
+                             start_loss=start_loss,
                              start_heldout_loss=start_held, factors=sorted(results, key=lambda r: r.factor),
                              outputs_look_like_probabilities=probabilities,
                              probability_width=int(_main_output(output).shape[-1]) if probabilities else 0,
                              params_without_gradient=missing, from_snapshot=snapshot is not None,
                              trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]
                                                   if p.requires_grad),
-                             first_last_grad_ratio=grad_ratio[0])
+                             first_last_grad_ratio=grad_ratio[0], unit_states=dict(unit_states),
+                             whole_batch=whole, fresh_init=prepare is not None)
         best = result.best
         if best is not None:
             torch.manual_seed(PROBE_SEED)
             start.restore_weights()
             zero_start = evaluate(fit_zero)
             start.restore_weights()
-            torch.manual_seed(PROBE_SEED)
-            held_zero_start = evaluate(held_zero)
+            if held_zero is not None:
+                torch.manual_seed(PROBE_SEED)
+                held_zero_start = evaluate(held_zero)
             zero = train(best.factor, fit_zero, held_zero)
             result.zero_input_factor = best.factor
             result.zero_input_start_loss = zero_start

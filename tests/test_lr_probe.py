@@ -7,6 +7,7 @@ monitor's own triggers.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -163,12 +164,12 @@ def run_scenario(tmp_path, name, **probe_kwargs):
     pl.seed_everything(0)
     model, loader = make_model(), make_loader()
     if reason:
-        probe = LearningRateProbe(**probe_kwargs)
+        probe = LearningRateProbe(**{"budget_fraction": None, **probe_kwargs})
         asker = Asker(step, reason[0])
         asker._attach(probe.context)
         callbacks = [asker, probe]
     else:
-        probe = LearningRateProbe(preflight_step=step, **probe_kwargs)
+        probe = LearningRateProbe(preflight_step=step, **{"budget_fraction": None, **probe_kwargs})
         callbacks = [probe]
     started = time.perf_counter()
     fit(tmp_path, model, loader, None, callbacks, max_epochs=epochs, logger=False)
@@ -272,7 +273,7 @@ def _busy_fit(tmp_path, callbacks, namespace=pl):
 
 def test_probe_restores_everything_bitwise(tmp_path):
     base_model, base_trainer, base_rng = _busy_fit(tmp_path / "a", [])
-    probe = LearningRateProbe()
+    probe = LearningRateProbe(budget_fraction=None)
     asker = Asker(at=9)
     asker._attach(probe.context)
     model, t, rng = _busy_fit(tmp_path / "b", [asker, probe])
@@ -323,7 +324,7 @@ def test_zero_inputs_keeps_targets():
 # ---- triggers, budget, outputs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("namespace", [pl, L], ids=["pytorch_lightning", "lightning.pytorch"])
 def test_requests_trigger_once_per_reason_and_tensorboard(tmp_path, namespace):
-    probe = LearningRateProbe(max_probes=3, budget_fraction=1.0)
+    probe = LearningRateProbe(max_probes=3, budget_fraction=None)
     askers = [Asker(at=5, reason="loss_diverging"), Asker(at=8, reason="loss_diverging"),
               Asker(at=12, reason="loss_oscillating")]
     for a in askers:
@@ -346,27 +347,35 @@ def test_requests_trigger_once_per_reason_and_tensorboard(tmp_path, namespace):
 
 
 def test_in_diagnostics_with_logger_false_writes_jsonl(tmp_path):
-    probe = LearningRateProbe(preflight_step=10)
+    probe = LearningRateProbe(preflight_step=10, budget_fraction=None)
     diag = Diagnostics(loss_curve=False, gradients=False, activations=False, fit=False, setup_check=False, data=False,
                        lr_probe=probe, console=False)
     pl.seed_everything(0)
     fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=8.0, optimizer="sgd"), digits(), None, [diag], max_epochs=1,
         logger=False)
     assert "lr_too_high" in codes(diag.findings)
-    path = os.path.join(str(tmp_path), "diag", "findings.jsonl")
-    lines = [json.loads(line) for line in open(path)]
+    paths = glob.glob(os.path.join(str(tmp_path), "**", "findings.jsonl"), recursive=True)
+    assert len(paths) == 1, paths
+    lines = [json.loads(line) for line in open(paths[0])]
     assert any(line["code"] == "lr_too_high" and "suggested_lr" in line["evidence"] for line in lines)
 
 
-def test_budget_limits_later_probes(tmp_path):
-    probe = LearningRateProbe(max_probes=5, budget_fraction=0.01)
-    askers = [Asker(at=s, reason=f"r{s}") for s in (3, 6, 9)]
+def test_budget_holds_for_every_probe_the_first_included(tmp_path):
+    # 10% of a 16-step fit is far less than a sweep: no probe runs, and a loss symptom's request says why
+    probe = LearningRateProbe(max_probes=5, budget_fraction=0.1)
+    askers = [Asker(at=3, reason="loss_stalled"), Asker(at=6, reason="r6")]
     for a in askers:
         a._attach(probe.context)
     pl.seed_everything(0)
     fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=1e-3), digits(), None, [*askers, probe], max_epochs=1, logger=False)
-    assert len(probe.results) == 1  # the first probe always runs; the others would exceed 1% of the fit time
-    probe2 = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+    assert probe.results == []
+    skipped = [f for f in probe.findings if f.code == "probe_skipped"]
+    assert len(skipped) == 1 and skipped[0].severity.value == "info" and skipped[0].step == 3
+    assert "budget" in skipped[0].message and "loss_stalled" in skipped[0].message
+    # the sweep stopped after its first learning rate, whose time said the whole sweep would not fit
+    assert "would take about" in skipped[0].message
+    # without a budget, max_probes still limits
+    probe2 = LearningRateProbe(max_probes=1, budget_fraction=None)
     askers = [Asker(at=s, reason=f"r{s}") for s in (3, 6)]
     for a in askers:
         a._attach(probe2.context)
@@ -410,7 +419,7 @@ def test_optimizer_that_cannot_be_rebuilt_is_skipped_quietly(tmp_path):
     ({"factors": (0.01, 0.1, 10.0, 100.0)}, "must include 1.0"),
     ({"factors": (0.0, 1.0, 1e4)}, "positive numbers"),
     ({"factors": "abc"}, "positive numbers"),
-    ({"budget_fraction": 1.5}, "budget_fraction"),
+    ({"budget_fraction": -0.5}, "budget_fraction"),
     ({"max_probes": -1}, "max_probes"),
     ({"steps": 1}, "steps"),
     ({"preflight_step": -3}, "preflight_step"),
@@ -515,7 +524,8 @@ END_TO_END = {
 
 def run_end_to_end(tmp_path, make_model, make_loader, epochs):
     diagnostics = Diagnostics(gradients=False, activations=False, fit=False, setup_check=False, data=False,
-                              console=False, jsonl=False, tensorboard=False)
+                              console=False, jsonl=False, tensorboard=False,
+                              lr_probe=LearningRateProbe(budget_fraction=None))  # short fits: the verdict, not the cost
     torch.manual_seed(1000)  # the model's initialization
     model, loader = make_model(), make_loader()
     fit(tmp_path, model, loader, None, [diagnostics], max_epochs=epochs, logger=False)
@@ -574,7 +584,7 @@ def test_a_request_wakes_the_sleeping_probe_inside_diagnostics(tmp_path):
     for the batch under way, so it runs at the step it was asked at, as when it is called every step."""
     steps_run = {}
     for composed in (False, True):
-        probe = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+        probe = LearningRateProbe(max_probes=1, budget_fraction=None)
         calls = count_calls(probe, "on_train_batch_end")
         callback = Diagnostics(console=False, lr_probe=probe, gradients=False, loss_curve=False, activations=False,
                                fit=False, data=False, setup_check=False) if composed else probe
@@ -602,7 +612,7 @@ def test_a_request_from_a_composed_monitor_wakes_the_probe_in_the_same_batch(tmp
             if trainer.global_step == 5:
                 self._context.request_probe("loss_diverging")
 
-    probe = LearningRateProbe(max_probes=1, budget_fraction=1.0)
+    probe = LearningRateProbe(max_probes=1, budget_fraction=None)
     diagnostics = Diagnostics(console=False, setup_check=AskingCheck(), lr_probe=probe, gradients=False,
                               loss_curve=False, activations=False, fit=False, data=False)
     pl.seed_everything(0)

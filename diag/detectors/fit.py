@@ -121,7 +121,7 @@ def inferred_chance_level(num_classes: Optional[int], first_loss: Optional[float
 # Verdicts of other monitors that already explain a stalled loss: the learning rate or a bug, not capacity.
 STALL_EXPLAINED_BY = ("lr_too_high", "lr_too_low", "suspected_code_bug", "nonfinite_loss", "loss_diverging",
                       "loss_oscillating")
-PROBE_BLAMES = ("lr_too_high", "lr_too_low", "suspected_code_bug")
+PROBE_BLAMES = ("lr_too_high", "lr_too_low", "suspected_code_bug", "dead_units", "saturated_activations", "bad_initialization")
 
 
 # ==== underfitting =========================================================================================
