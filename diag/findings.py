@@ -11,7 +11,7 @@ EvidenceValue = Union[float, int, str]
 
 # A finding is read in a terminal, a TensorBoard table cell and a CI log: its text stays short whatever produced it
 # (an exception's text can run to 14,000 characters, e.g. a sparse-gradient NotImplementedError listing every
-# dispatch key). The longest message a rule writes is about 600 characters.
+# dispatch key). The longest message and advice the rules wrote across the test suite's runs: 506 and 503 characters.
 MAX_TEXT_CHARS = 1000
 MAX_EVIDENCE_TEXT_CHARS = 500
 
