@@ -7,28 +7,21 @@ world size and reduction, logger, log directory), and :class:`ModelView` is what
 ``loss_fn(model, batch)``, which the learning-rate probe trains with). The session calls the monitors' Lightning hooks
 at the matching moments of the user's loop, seen through hooks it registers itself:
 
-===========================  ===============================================================================
-Lightning hook               in a plain loop
-===========================  ===============================================================================
-``setup``, ``on_fit_start``,  ``diag.watch(...)``
-``on_train_start``
-``on_train_batch_start``     the first forward of the model with gradients enabled after the previous
-                             ``session.step`` (a forward pre-hook on the model), before the forward runs
-``on_before_backward``,      the optimizer's step pre-hook (after the loop's backward and clipping)
-``on_after_backward``,
-``on_before_optimizer_step``
-(global step + 1)            the optimizer's step post-hook
-``on_train_batch_end``       ``session.step(loss, batch)``
-``on_train_epoch_end``,      ``session.close()`` (or leaving the ``with`` block); ``on_exception`` and
-``on_train_end``,            ``teardown`` when the block raises
-``on_fit_end``, ``teardown``
-===========================  ===============================================================================
+- ``setup``, ``on_fit_start``, ``on_train_start``: in ``diag.watch(...)``;
+- ``on_train_batch_start``: at the first forward of the model with gradients enabled after the previous
+  ``session.step`` (a forward pre-hook on the model), before that forward runs;
+- ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``: in the optimizer's step pre-hook (after
+  the loop's backward and any clipping);
+- the global step + 1: in the optimizer's step post-hook;
+- ``on_train_batch_end``: in ``session.step(loss, batch)``;
+- ``on_train_epoch_end``, ``on_train_end``, ``on_fit_end``, ``teardown``: in ``session.close()`` (or at the end of the
+  ``with`` block; ``on_exception`` and ``teardown`` when the block raises).
 
 The batch is known only at ``session.step``, after the forward: ``on_train_batch_start`` gets the previous
 iteration's batch (the data monitor reads each of its first batches one iteration late; the first iteration gets
 ``None``). For the same reason the gradient noise scale, which needs the current batch before the optimizer step, is
-not measured (``GradientMonitor(noise_scale_interval=0)``), and the fit monitor, which needs validation losses per
-epoch, is off by default.
+not measured (``GradientMonitor(noise_scale_interval=0)``). The fit monitor, which needs validation losses per epoch,
+is off by default.
 """
 
 from __future__ import annotations
