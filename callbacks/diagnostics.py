@@ -65,8 +65,11 @@ class Diagnostics(Monitor):
 
     Each argument switches a monitor on (``True``, its defaults), off (``False``) or passes a configured
     instance. Findings go to ``.findings``, the console (warnings and errors once, a summary at the end of fit),
-    ``<log_dir>/diag/findings.jsonl`` and, with a ``TensorBoardLogger``, to TensorBoard (``diag/...`` scalars,
-    the ``diag/findings`` text table and a custom-scalars layout).
+    ``diag/findings.jsonl`` in each logger's run folder (``.findings_file``; without a logger a new
+    ``<default_root_dir>/lightning_logs/version_N`` per fit) and, with a ``TensorBoardLogger``, to TensorBoard
+    (``diag/...`` scalars, the ``diag/findings`` text table and a custom-scalars layout); MLflow and W&B runs get
+    the table too (see ``diag.callbacks.outputs``). The same object used for a new fit starts it clean, with the
+    monitors as constructed; resuming from a checkpoint restores its findings.
 
     Args:
         loss_curve: the training-loss monitor (non-finite, diverging, oscillating, plateau, initial loss).
