@@ -58,7 +58,7 @@ def make_sinks(trainer: Any, console: bool = True, jsonl: bool = True, tensorboa
     runs: List[Sink] = []  # MLflow and W&B runs: the table and the JSONL as parts of the run
     for logger in loggers:
         try:
-            _logger_outputs(logger, root, jsonl, add_jsonl, runs)
+            _logger_outputs(logger, root, jsonl, tensorboard, add_jsonl, runs)
         except Exception as exc:  # e.g. a tracking server out of reach: the other outputs still work
             log.warning("lightning-diag: cannot write findings to %s (%s: %s); they still reach `.findings`, the "
                         "console and the other outputs.", type(logger).__name__, type(exc).__name__, str(exc)[:300])
@@ -73,32 +73,37 @@ def make_sinks(trainer: Any, console: bool = True, jsonl: bool = True, tensorboa
             sinks.append(TensorBoardSink(board[0].experiment))
         if others:
             sinks.append(LoggerMetricsSink(others))
-        sinks.extend(runs)
+    sinks.extend(runs)
     return sinks
 
 
-def _logger_outputs(logger: Any, root: str, jsonl: bool, add_jsonl: Callable[[str], None], runs: List[Sink]) -> None:
-    """The JSONL folder (``add_jsonl``) and the run sinks (``runs``) of one logger."""
+def _logger_outputs(logger: Any, root: str, jsonl: bool, table: bool, add_jsonl: Callable[[str], None],
+                    runs: List[Sink]) -> None:
+    """The JSONL folder (``add_jsonl``) and the run sinks (``runs``: the findings table when ``table``, the JSONL
+    uploaded or synced when ``jsonl``) of one logger."""
     if _is(logger, "MLFlowLogger"):
         client, run_id = logger.experiment, logger.run_id
         artifacts = local_artifact_dir(client, run_id)
         if artifacts is not None:
             if jsonl:
                 add_jsonl(findings_path(artifacts))
-            runs.append(MlflowSink(client, run_id))
+            if table:
+                runs.append(MlflowSink(client, run_id))
         else:
             staged = findings_path(os.path.join(root, RUNS_FOLDER, "mlflow", str(run_id)))
             if jsonl:
                 add_jsonl(staged)
-            runs.append(MlflowSink(client, run_id, upload_jsonl=staged if jsonl else None))
+            if table or jsonl:
+                runs.append(MlflowSink(client, run_id, upload_jsonl=staged if jsonl else None, table=table))
     elif _is(logger, "WandbLogger"):
         run = logger.experiment
         run_dir = getattr(run, "dir", None)  # None for a disabled run (wandb.init(mode="disabled"))
         path = findings_path(run_dir) if run_dir else None
         if jsonl and path:
             add_jsonl(path)
-        runs.append(WandbSink(run, jsonl_path=path if jsonl else None,
-                              log_table=getattr(logger, "log_table", None)))
+        if table or jsonl:
+            runs.append(WandbSink(run, jsonl_path=path if jsonl else None,
+                                  log_table=getattr(logger, "log_table", None), table=table))
     elif jsonl:
         log_dir = _own_log_dir(logger)
         if log_dir is not None:

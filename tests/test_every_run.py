@@ -217,3 +217,29 @@ def test_report_skips_an_unfinished_last_line_and_reports_every_run(tmp_path, ca
     assert main(["report", str(killed), "--plain"]) == 0
     killed.write_bytes(b"".join(lines[:-1]) + b'{"code": "lr_too_high", "sev\n')
     assert main(["report", str(tmp_path), "--plain"]) == 2
+
+
+def test_mlflow_sink_uploads_a_staged_jsonl(tmp_path, monkeypatch):
+    """Where the run's artifacts are not on this machine, the JSONL is written locally and uploaded with log_artifact
+    (checked here against a file store, whose log_artifact copies the same way a server's upload stores it)."""
+    pytest.importorskip("mlflow", reason="needs the mlflow extra: pip install 'lightning-diag[mlflow]'")
+    from mlflow import MlflowClient
+
+    from diag.findings import Finding
+    from diag.sinks import JsonlSink, MlflowSink
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(client.create_experiment("staged")).info.run_id
+    staged = str(tmp_path / "stage" / "diag" / "findings.jsonl")
+    jsonl, sink = JsonlSink(staged), MlflowSink(client, run_id, upload_jsonl=staged, table=False)
+    finding = Finding("lr_too_high", "warning", 3, 0, "m", "a", {"suggested_lr": 1e-3})
+    for s in (jsonl, sink):
+        s.open([])
+    jsonl.on_finding(finding, [finding])
+    for s in (jsonl, sink):
+        s.flush([finding], 3)
+        s.close([finding])
+    assert [a.path for a in client.list_artifacts(run_id, "diag")] == ["diag/findings.jsonl"]
+    uploaded = client.download_artifacts(run_id, "diag/findings.jsonl", str(tmp_path / "download"))
+    assert read_findings(uploaded) == [finding]

@@ -63,11 +63,15 @@ class LoggerMetricsSink(Sink):
 
 
 class _Uploads(Sink):
-    """A sink that writes into a tracking service: it warns once and stops at the first failure (the fit goes on)."""
+    """A sink that writes into a tracking service: it warns once and stops at the first failure (the fit goes on).
+
+    ``table=False`` leaves out the table of findings (``Diagnostics(tensorboard=False)``), keeping the JSONL.
+    """
 
     service = ""
 
-    def __init__(self) -> None:
+    def __init__(self, table: bool = True) -> None:
+        self.table = table
         self._failed = False
         self._last_table: Optional[str] = None
 
@@ -115,12 +119,13 @@ class MlflowSink(_Uploads):
 
     service = "MLflow"
 
-    def __init__(self, client: Any, run_id: str, upload_jsonl: Optional[str] = None) -> None:
-        super().__init__()
+    def __init__(self, client: Any, run_id: str, upload_jsonl: Optional[str] = None, table: bool = True) -> None:
+        super().__init__(table)
         self.client, self.run_id, self.upload_jsonl = client, run_id, upload_jsonl
 
     def _write(self, findings: Sequence[Finding], table: str, step: int) -> None:
-        self.client.log_text(self.run_id, table, f"{FINDINGS_FOLDER}/{TABLE_FILE}")
+        if self.table:
+            self.client.log_text(self.run_id, table, f"{FINDINGS_FOLDER}/{TABLE_FILE}")
         if self.upload_jsonl and os.path.exists(self.upload_jsonl):
             self.client.log_artifact(self.run_id, self.upload_jsonl, FINDINGS_FOLDER)
 
@@ -136,8 +141,8 @@ class WandbSink(_Uploads):
     service = "W&B"
 
     def __init__(self, run: Any, jsonl_path: Optional[str] = None,
-                 log_table: Optional[Callable[..., None]] = None) -> None:
-        super().__init__()
+                 log_table: Optional[Callable[..., None]] = None, table: bool = True) -> None:
+        super().__init__(table)
         self.run, self.jsonl_path, self.log_table = run, jsonl_path, log_table
 
     def open(self, findings: Sequence[Finding]) -> None:
@@ -146,6 +151,8 @@ class WandbSink(_Uploads):
             self._guarded(lambda: self.run.save(self.jsonl_path, base_path=base, policy="live"))
 
     def _write(self, findings: Sequence[Finding], table: str, step: int) -> None:
+        if not self.table:
+            return
         ordered = sorted(findings, key=lambda f: (-f.severity.rank, f.step))
         rows: List[List[str]] = [cells(f) for f in ordered]
         if self.log_table is not None:
