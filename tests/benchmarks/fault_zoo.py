@@ -19,8 +19,8 @@ all runs (a verdict raised where another or none is expected is a false positive
 false negative).
 
 ``--ground-truth`` fits each scenario without ``Diagnostics()`` at learning-rate factors 0.01..100 and prints how far
-the loss gets: the measurement behind each scenario's label (a learning rate 10x or more away fixes an LR scenario;
-no rate fixes a code bug; no rate is what fixes the "other finding" scenarios).
+the loss gets (seed 0): the measurement behind each label. A rate 10x or more away fixes an LR scenario; no rate fixes
+a code bug; on an "other finding" scenario no rate 10x away does better (a fresh init or another design would).
 
 Not collected by pytest (a script, like ``healthy_zoo.py``); a measurement, so it always exits 0.
 
@@ -513,11 +513,12 @@ class Run:
     never_hit: List[str]
     own_hit: List[str]
     messages: List[str]
+    crashed: bool = False  # the fit raised: lightning-diag must never break it
 
     @property
     def right(self) -> bool:
         expected = {self.scenario.expected} if self.scenario.expected else set()
-        return set(self.verdicts) == expected and not self.never_hit
+        return set(self.verdicts) == expected and not self.never_hit and not self.crashed
 
 
 def run_one(scenario: Scenario, seed: int) -> Run:
@@ -525,8 +526,12 @@ def run_one(scenario: Scenario, seed: int) -> Run:
     captured, log = Captured(), logging.getLogger("diag")
     handlers, propagate = log.handlers[:], log.propagate
     log.handlers, log.propagate = [captured], False  # lightning-diag's own lines go with the run's details
+    started = time.perf_counter()
     try:
         seconds, trainer = fit(scenario, seed, [diagnostics])
+    except Exception as error:  # noqa: BLE001 - a measurement: report the crash and go on
+        return Run(scenario, seed, time.perf_counter() - started, -1, {}, [], 0, [], [],
+                   [f"the fit raised {type(error).__name__}: {error}"], crashed=True)
     finally:
         log.handlers, log.propagate = handlers, propagate
     findings = diagnostics.findings
@@ -554,6 +559,8 @@ def report(run: Run, verbose: bool) -> None:
         extra.append(f"NEVER-CODES {run.never_hit}")
     if s.own:
         extra.append(f"own={run.own_hit or 'none of ' + '/'.join(s.own)}")
+    if run.crashed:
+        extra.append("FIT RAISED")
     print(f"{'right' if run.right else 'WRONG':5s} {s.name:43s} {s.shape:11s} seed={run.seed} "
           f"expect={s.expected or '-':18s} raised={raised:40s} {run.seconds:5.1f}s "
           f"internal_errors={run.internal_errors}"
