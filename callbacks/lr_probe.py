@@ -10,13 +10,13 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from diag import signals
 from diag.detectors.lr_probe import (Verdict, collapsed_after_progress, judge, judge_collapse, judge_control,
-                                     judge_wrecked)
+                                     judge_wrecked, nothing_fits_near_chance)
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state, map_batch,
                         optimizer_state_finite, reinitialize, run_probe, weights_finite, zero_inputs)
@@ -220,10 +220,51 @@ class LearningRateProbe(Monitor):
         if not reasons:
             return
         self._probed_reasons.update(reasons)
-        if not self._allowed(trainer, pl_module, reasons):
-            self._report_collapse(trainer, reasons, None, None)  # the loss curve alone still tells a collapse
+        verdict, result, snapshot_step = None, None, None
+        if self._allowed(trainer, pl_module, reasons):
+            verdict, result, snapshot_step = self._probe(trainer, pl_module, batch, batch_idx, reasons)
+        # Every rank gets here at the same step (requests come from statistics reduced across ranks): one reduction.
+        verdict = self._agree(verdict, pl_module)
+        collapse = self._collapse(trainer, reasons, verdict, snapshot_step)  # the loss curve alone tells a collapse
+        self._conclude(collapse or verdict, result, reasons)
+
+    # Verdict codes the ranks vote on under DDP (one all-reduce of this many counts).
+    _VOTES = ("none", "lr_ok", "lr_too_high", "lr_too_low", "suspected_code_bug", "dead_units", "saturated_activations",
+              "bad_initialization")
+
+    def _agree(self, verdict: Optional[Verdict], pl_module: Any) -> Optional[Verdict]:
+        """Under DDP each rank probed its own batch on its own copy of the state: keep the verdict only when every rank
+        reached the same one (one reduction of vote counts); rank zero's message and figures are the ones reported."""
+        world = self.world_size()
+        if world <= 1:
+            return verdict
+        code = "none" if verdict is None or verdict.severity == "info" else verdict.code
+        votes = torch.zeros(len(self._VOTES), device=getattr(pl_module, "device", None))
+        votes[self._VOTES.index(code) if code in self._VOTES else 0] = 1.0
+        counts = self.reduce(votes, "sum")
+        if code != "none" and int(round(float(counts[self._VOTES.index(code)]))) == world:
+            if verdict is not None:
+                verdict.evidence = {**verdict.evidence, "ranks_agreeing": world}
+            return verdict
+        if code != "none":
+            self._note_skip("the processes' probes, each on its own batch, did not all reach the same verdict ("
+                            + ", ".join(f"{c}: {int(round(float(n)))}" for c, n in zip(self._VOTES, counts) if n > 0)
+                            + ")", ())
+        return None
+
+    def _conclude(self, verdict: Optional[Verdict], result: Optional[ProbeResult], reasons: Sequence[str]) -> None:
+        if result is not None:
+            self.results.append(result)
+            self.log_scalars({f"diag/probe/loss_fraction@x{r.factor:g}": min(r.loss_fraction, 10.0)
+                              for r in result.factors})
+        if verdict is None:
             return
-        self._probe(trainer, pl_module, batch, batch_idx, reasons)
+        self._publish(verdict)
+        if verdict.code != "lr_ok":
+            evidence = {**(result.evidence() if result is not None else {}), **verdict.evidence,
+                        "trigger": ", ".join(reasons), "probe_seconds_total": round(self._probe_seconds, 4)}
+            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence, layer=verdict.layer,
+                        severity=verdict.severity)
 
     def _sleep_until_due(self, step: int) -> None:
         """Composed in Diagnostics: no calls until the next snapshot refresh or the preflight probe, or until another
@@ -315,8 +356,9 @@ class LearningRateProbe(Monitor):
         why = None
         if self._probes_run >= self.max_probes:
             why = f"max_probes={self.max_probes} reached"
-        elif self.world_size() > 1:
-            why = "runs on a single process only (world size > 1)"
+        elif self.world_size() > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
+            why = ("SyncBatchNorm synchronizes every forward pass across processes, and the probes of different "
+                   "processes take different numbers of steps; no verdict under DDP with SyncBatchNorm")
         elif not getattr(pl_module, "automatic_optimization", True):
             why = ("manual optimization: the probe calls training_step on a copy of the state, which would step your "
                    "optimizers; no learning-rate verdict is possible")
@@ -329,7 +371,9 @@ class LearningRateProbe(Monitor):
             return False
         return True
 
-    def _probe(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, reasons: List[str]) -> None:
+    def _probe(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, reasons: List[str]
+               ) -> Tuple[Optional[Verdict], Optional[ProbeResult], Optional[int]]:
+        """This rank's verdict: the sweep, the re-probe from the snapshot, the fresh-initialization control."""
         optimizer = self._optimizer(trainer)
         step = int(trainer.global_step)
         snapshot = None
@@ -338,8 +382,7 @@ class LearningRateProbe(Monitor):
             snapshot = self._snapshot
             if snapshot is None:
                 self._note_skip("weights are non-finite and there is no finite snapshot to start from", reasons)
-                self._report_collapse(trainer, reasons, None, None)
-                return
+                return None, None, None
         elif any(r in REPLAY_REASONS for r in reasons) and self._snapshot is not None and self._snapshot.step < step:
             snapshot, replay = self._snapshot, True
 
@@ -354,21 +397,20 @@ class LearningRateProbe(Monitor):
         self._probes_run += 1
         result = self._run(trainer, pl_module, optimizer, loss_fn, batch, snapshot, reasons)
         if result is None:
-            self._report_collapse(trainer, reasons, None, snapshot)
-            return
+            return None, None, snapshot.step if snapshot is not None else None
         trained = snapshot.step if snapshot is not None else step
         verdict = judge(result, trained_steps=trained, reasons=reasons)
         if replay and verdict.code != "lr_ok":
             verdict.message = (verdict.message.rstrip(".") + f" (probed from the weights of step {snapshot.step}, saved "
                                f"before the loss misbehaved by step {step}).")
-        if verdict.code == "suspected_code_bug" and snapshot is None and self._snapshot is not None \
-                and self._snapshot.step < step and "best_progress" in verdict.evidence:
+        if snapshot is None and self._snapshot is not None and self._snapshot.step < step \
+                and nothing_fits_near_chance(result, verdict):
             # Nothing fits from the current weights: training may have wrecked them (units that died at a too-high
             # learning rate). Ask again from the last good snapshot: if the batch fits from there, it is not the code.
             again = self._run(trainer, pl_module, optimizer, loss_fn, batch, self._snapshot, reasons)
             if again is not None:
                 second = judge_wrecked(result, again, self._snapshot.step, trained_steps=self._snapshot.step,
-                                       reasons=reasons)
+                                       reasons=reasons, rate_only=verdict.code == "lr_ok")
                 if second is not None:
                     result, verdict = again, second
         if verdict.code == "suspected_code_bug":
@@ -381,19 +423,7 @@ class LearningRateProbe(Monitor):
             control = self._run(trainer, pl_module, optimizer, loss_fn, batch, None, reasons, prepare=fresh,
                                 opt_state=fresh_optimizer_state(optimizer), quiet=True)
             verdict = judge_control(verdict, result, control, trained, kept, reasons)
-        if self._report_collapse(trainer, reasons, verdict, snapshot):
-            verdict = None  # reported
-        self.results.append(result)
-        if verdict is None:
-            return
-        self._publish(verdict)
-        scalars = {f"diag/probe/loss_fraction@x{r.factor:g}": min(r.loss_fraction, 10.0) for r in result.factors}
-        self.log_scalars(scalars)
-        if verdict.code != "lr_ok":
-            evidence = {**result.evidence(), **verdict.evidence, "trigger": ", ".join(reasons),
-                        "probe_seconds_total": round(self._probe_seconds, 4)}
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence, layer=verdict.layer,
-                        severity=verdict.severity)
+        return verdict, result, snapshot.step if snapshot is not None else None
 
     def _publish(self, verdict: Verdict) -> None:
         # an unconfirmed code bug (info) is no verdict other monitors may act on
@@ -401,21 +431,17 @@ class LearningRateProbe(Monitor):
         self._context.publish(signals.PROBE_VERDICT, code)
         self._context.publish(signals.PROBE_SUGGESTED_LR, verdict.suggested_lr)
 
-    def _report_collapse(self, trainer: Any, reasons: Sequence[str], verdict: Optional[Verdict],
-                         snapshot: Optional[WeightSnapshot]) -> bool:
-        """A run that learned and then collapsed: ``lr_too_high`` whatever the probe saw. Returns whether it reported."""
+    def _collapse(self, trainer: Any, reasons: Sequence[str], verdict: Optional[Verdict],
+                  snapshot_step: Optional[int]) -> Optional[Verdict]:
+        """A run that learned and then collapsed: ``lr_too_high`` whatever the probe saw (``None`` otherwise)."""
         initial, best = self._context.get(signals.LOSS_INITIAL), self._context.get(signals.LOSS_BEST)
         if not collapsed_after_progress(reasons, initial, best):
-            return False
+            return None
         optimizer = self._optimizer(trainer)
         if optimizer is None:
-            return False
-        final = judge_collapse(verdict, current_lr(optimizer), float(initial), float(best), int(trainer.global_step),
-                               snapshot.step if snapshot is not None else None)
-        self._publish(final)
-        evidence = {**final.evidence, "trigger": ", ".join(reasons), "probe_seconds_total": round(self._probe_seconds, 4)}
-        self.report(final.code, final.message, advice=final.advice, evidence=evidence)
-        return True
+            return None
+        return judge_collapse(verdict, current_lr(optimizer), float(initial), float(best), int(trainer.global_step),
+                              snapshot_step)
 
     def _run(self, trainer: Any, pl_module: Any, optimizer: Any, loss_fn: Callable, batch: Any,
              snapshot: Optional[WeightSnapshot], reasons: Sequence[str], prepare: Optional[Callable[[], None]] = None,

@@ -53,6 +53,9 @@ DEFAULT_BATCH_SAMPLES = 64
 DIVERGED_RATIO = 10.0
 # Every factor runs all its steps unless it diverges: stopping once the batch is fitted would hide what a too-high
 # rate does to the held-out half in the later steps (measured: Adam at lr=3 looked fine when stopped early).
+# The probe's cost is projected after this many steps of its first factor (and again after the whole first factor):
+# a sweep that would not fit its time budget stops there, having cost a few steps.
+BUDGET_CHECK_STEPS = 3
 # Fixed seed inside the probe: every factor sees the same dropout masks; the caller's RNG state is restored after.
 PROBE_SEED = 20240501
 
@@ -62,10 +65,10 @@ class ProbeUnavailable(Exception):
 
 
 class ProbeOverBudget(ProbeUnavailable):
-    """The sweep would take longer than the time it was given (measured on its first factor); nothing was judged."""
+    """The sweep would take longer than the time it was given (projected from its first steps); nothing was judged."""
 
     def __init__(self, projected: float, allowed: float) -> None:
-        super().__init__(f"a sweep would take about {projected:.2f}s (measured on its first learning rate), more than "
+        super().__init__(f"a sweep would take about {projected:.2f}s (projected from its first steps), more than "
                          f"the {allowed:.2f}s its budget allows")
         self.projected, self.allowed = projected, allowed
 
@@ -609,12 +612,21 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
         missing: List[str] = []
         grad_ratio = [math.nan]  # first / last weight-matrix gradient norm at the first probe step
 
+        runs = len(factors) + 1  # the sweep's factors and the zero-input fit
+        set_up = time.perf_counter() - started
+
         def train(factor: float, part: Any, held: Any, note_missing: bool = False) -> FactorResult:
             start.restore_weights()
             opt = clone_optimizer(optimizer, opt_state, factor)
             torch.manual_seed(PROBE_SEED)
             ran, diverged, first, peak = 0, False, math.nan, -math.inf
+            began = time.perf_counter()
             for i in range(steps):
+                if note_missing and i == BUDGET_CHECK_STEPS and budget_seconds is not None:
+                    # the first steps' time (first calls are the slowest: an overestimate) times the steps to come
+                    projected = set_up + (time.perf_counter() - began) / i * steps * runs
+                    if projected > budget_seconds:
+                        raise ProbeOverBudget(projected, budget_seconds)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(part)
                 value = float(loss.detach())
@@ -652,9 +664,8 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
         for i, f in enumerate(ordered_factors):
             results.append(train(f, fit_part, held_part, note_missing=(i == 0)))
             if i == 0 and budget_seconds is not None:
-                # the first factor runs all its steps unless it diverges (the smallest rarely does): its time times the
-                # runs still to come (the other factors and the zero-input fit) is what the sweep will cost
-                projected = (time.perf_counter() - started) * (len(ordered_factors) + 1)
+                # the whole first factor's time, a closer figure: the runs still to come must fit too
+                projected = (time.perf_counter() - started) * runs
                 if projected > budget_seconds:
                     raise ProbeOverBudget(projected, budget_seconds)
         per_run = (time.perf_counter() - started) / max(len(results), 1)

@@ -32,6 +32,7 @@ from torch import nn
 
 import _common as C
 from diag import Finding
+from diag.callbacks import LearningRateProbe
 
 EXAMPLE = "07_lr_vs_code_bug"
 EXPECTED = {"broken": ["lr_too_high"], "code_bug": ["suspected_code_bug"], "fixed": []}
@@ -52,8 +53,10 @@ def build(name: str, fast: bool) -> C.Variant:
         lr = 10 * GOOD_LR if name == "broken" else GOOD_LR
         module = C.Model(net, optimizer=lambda p: torch.optim.SGD(p, lr=lr))
         description, epochs = f"SGD(lr={lr:g}){', 10x too high' if name == 'broken' else ''}", 3 if fast else 6
+    # A probe sweep costs about 100 training steps of this model; the default budget (10% of the fit's time, sized for
+    # real fits of minutes) would skip it in these 2-second demo fits and say so (probe_skipped). Lift it here.
     return C.Variant(description, module, C.loaders(x, y, x_val, y_val, batch_size=32), epochs=epochs,
-                     expected=EXPECTED[name])
+                     expected=EXPECTED[name], diagnostics_kwargs={"lr_probe": LearningRateProbe(budget_fraction=None)})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Finding]]:

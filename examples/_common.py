@@ -238,8 +238,10 @@ class Variant:
 
     def __init__(self, description: str, module: pl.LightningModule, data: Loaders, epochs: int,
                  expected: Sequence[str] = (), callbacks: Sequence[Any] = (),
-                 metric_names: Sequence[str] = DEFAULT_METRICS, **trainer_kwargs: Any) -> None:
+                 metric_names: Sequence[str] = DEFAULT_METRICS, diagnostics_kwargs: Optional[Dict[str, Any]] = None,
+                 **trainer_kwargs: Any) -> None:
         self.description, self.module, self.data, self.epochs = description, module, data, epochs
+        self.diagnostics_kwargs = dict(diagnostics_kwargs or {})  # Diagnostics(...) arguments beyond the defaults
         self.expected, self.callbacks, self.trainer_kwargs = list(expected), list(callbacks), trainer_kwargs
         self.metric_names = metric_names
 
@@ -259,7 +261,8 @@ def compare(example: str, doc: str, argv: Optional[Sequence[str]], build: Callab
         findings, metrics = run_variant(example, name, variant.module, variant.data, variant.epochs, args.logdir,
                                         variant.description, callbacks=variant.callbacks, seed=args.seed,
                                         # console=False: the printout below lists every finding instead
-                                        diagnostics=Diagnostics(console=False), **variant.trainer_kwargs)
+                                        diagnostics=Diagnostics(console=False, **variant.diagnostics_kwargs),
+                                        **variant.trainer_kwargs)
         results[name] = findings
         runs.append((name, variant, findings, metrics))
     print("\n" + "=" * 100 + f"\n{example}: what lightning-diag found in each run")

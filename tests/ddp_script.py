@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import datetime
 import json
 import logging
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.strategies import DDPStrategy  # noqa: E402
 
-from diag.callbacks import Diagnostics  # noqa: E402
+from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
 from tests.helpers import digits_tensors  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,7 +108,14 @@ SCENARIOS = {
     "faulty": (dict(activation="sigmoid", optimizer="sgd", lr=5.0), False, 2),
     # the loss of rank 1 alone turns NaN at step 10 (a corrupt shard): the all-reduce spreads it to every rank
     "nan_on_one_rank": (dict(nan_rank=1, nan_step=10), True, 1),
+    # SGD at 10x a working rate (0.8): each rank probes its own batch on its own copy, the ranks agree in one reduction,
+    # rank zero writes lr_too_high once. (The time budget is lifted: 2 x 16 steps is far too short a fit to afford it.)
+    "lr_too_high": (dict(optimizer="sgd", lr=8.0), True, 4),
+    # the same fit without Diagnostics: the final weights must be bitwise those of the watched fit (probe included)
+    "lr_too_high_unwatched": (dict(optimizer="sgd", lr=8.0), True, 4),
 }
+# scenario -> Diagnostics arguments beyond the defaults
+DIAGNOSTICS_KWARGS = {"lr_too_high": lambda: dict(lr_probe=LearningRateProbe(budget_fraction=None))}
 
 
 def _plain(value):
@@ -131,7 +139,8 @@ def run(scenario: str, out: str) -> None:
     recorder = Recorder()
     logging.getLogger("diag").addHandler(recorder)
     collectives = CollectiveLog()
-    callback = Diagnostics()
+    watched = not scenario.endswith("_unwatched")
+    callback = Diagnostics(**DIAGNOSTICS_KWARGS.get(scenario, dict)()) if watched else None
     result = {"scenario": scenario}
     trainer = None
     try:
@@ -143,9 +152,12 @@ def run(scenario: str, out: str) -> None:
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, default_root_dir=root,
                              max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False,
                              enable_checkpointing=False, log_every_n_steps=1, num_sanity_val_steps=0,
-                             callbacks=[collectives, callback])
-        trainer.fit(Net(**module_kwargs), train, val)
+                             callbacks=[collectives] + ([callback] if watched else []))
+        model = Net(**module_kwargs)
+        trainer.fit(model, train, val)
         result["status"] = str(trainer.state.status.value)
+        result["weights_sha256"] = hashlib.sha256(b"".join(
+            t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values())).hexdigest()
     except BaseException as exc:  # recorded for the test, then re-raised
         result["status"] = "exception"
         result["exception"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:]
@@ -157,10 +169,10 @@ def run(scenario: str, out: str) -> None:
         world_size=int(trainer.world_size) if trainer is not None else -1,
         global_step=int(trainer.global_step) if trainer is not None else -1,
         log_dir=(trainer.loggers[0].log_dir if trainer is not None and trainer.loggers else None),
-        findings=[f.to_dict() for f in callback.findings],
+        findings=[f.to_dict() for f in callback.findings] if callback is not None else [],
         log=recorder.lines,
         collectives=collectives.calls,
-        monitors={type(m).__name__: _plain(m._monitor_state()) for m in callback.monitors},
+        monitors={type(m).__name__: _plain(m._monitor_state()) for m in callback.monitors} if callback is not None else {},
     )
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:

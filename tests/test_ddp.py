@@ -23,7 +23,8 @@ from diag.sinks import read_findings
 pytestmark = pytest.mark.ddp
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
-SCENARIOS = ["healthy", "faulty", "nan_on_one_rank"]
+SCENARIOS = ["healthy", "faulty", "nan_on_one_rank", "lr_too_high"]
+UNWATCHED = ["lr_too_high_unwatched"]  # the same fit without Diagnostics, for the bitwise comparison
 TIMEOUT_S = 420  # imports alone take ~30 s per process on a loaded 2-core machine; a deadlock takes forever
 
 
@@ -33,7 +34,7 @@ def ddp_results(tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
     try:
-        proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), "--scenarios", *SCENARIOS],
+        proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), "--scenarios", *SCENARIOS, *UNWATCHED],
                               capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
                               cwd=os.path.dirname(os.path.dirname(SCRIPT)))
     except subprocess.TimeoutExpired as exc:
@@ -41,7 +42,7 @@ def ddp_results(tmp_path_factory):
                     f"\n{(exc.stderr or '')[-3000:]}")
     assert proc.returncode == 0, f"the DDP script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = {}
-    for scenario in SCENARIOS:
+    for scenario in SCENARIOS + UNWATCHED:
         ranks = []
         for rank in (0, 1):
             path = out / scenario / f"rank{rank}.json"
@@ -147,3 +148,23 @@ def test_noise_scale_uses_the_global_batch(ddp_results):
     assert {e.value for e in acc.Scalars("diag/batch_size")} == {64.0}
     if "diag/grad_noise_scale" in tags:
         assert all(e.value == e.value and e.value > 0 for e in acc.Scalars("diag/grad_noise_scale"))
+
+
+def test_probe_verdict_under_ddp(ddp_results):
+    """Each rank probes its own batch on its own copy of the state; one reduction; rank zero writes the verdict once."""
+    r0, r1 = ddp_results["lr_too_high"]
+    for r in (r0, r1):
+        verdicts = [f for f in r["findings"] if f["code"] in ("lr_too_high", "lr_too_low", "suspected_code_bug")]
+        assert [f["code"] for f in verdicts] == ["lr_too_high"], r["findings"]
+        assert verdicts[0]["evidence"]["ranks_agreeing"] == 2 and verdicts[0]["evidence"]["suggested_lr"] < 8.0
+    path = os.path.join(r0["log_dir"], "diag", "findings.jsonl")
+    with open(path, encoding="utf-8") as fh:
+        written = [json.loads(line)["code"] for line in fh if line.strip()]
+    assert written.count("lr_too_high") == 1
+
+
+def test_probe_under_ddp_leaves_training_bitwise_unchanged(ddp_results):
+    watched, unwatched = ddp_results["lr_too_high"], ddp_results["lr_too_high_unwatched"]
+    assert watched[0]["monitors"]["LearningRateProbe"]["probes_run"] >= 1
+    for rank in (0, 1):
+        assert watched[rank]["weights_sha256"] == unwatched[rank]["weights_sha256"]

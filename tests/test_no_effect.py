@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import pytest
@@ -79,12 +79,13 @@ class _Net:
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.8)}
 
 
-def _run(tmp_path, namespace, with_diag: bool, epochs: int = 3, **module_kwargs) -> Dict[str, Any]:
+def _run(tmp_path, namespace, with_diag: bool, epochs: int = 3, diagnostics_kwargs: Optional[Dict[str, Any]] = None,
+         **module_kwargs) -> Dict[str, Any]:
     x, y = digits_tensors()
     train_set, val_set = CountingDataset(x[:640], y[:640]), CountingDataset(x[640:896], y[640:896])
     pl.seed_everything(0)
     module = type("Net", (_Net, namespace.LightningModule), {})(**module_kwargs)
-    callbacks = [Diagnostics()] if with_diag else []
+    callbacks = [Diagnostics(**(diagnostics_kwargs or {}))] if with_diag else []
     trainer = namespace.Trainer(default_root_dir=str(tmp_path / ("diag" if with_diag else "plain")), max_epochs=epochs,
                                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                                 accelerator="cpu", devices=1, log_every_n_steps=1, num_sanity_val_steps=0,
@@ -143,7 +144,9 @@ def test_the_probe_puts_everything_back(tmp_path):
     """A run that stalls (SGD at a learning rate far too low) makes the loss monitor call the probe; the probe's
     throw-away fits must leave weights, optimizer, scheduler, BatchNorm buffers and RNG states as they were."""
     plain = _run(tmp_path, pl, with_diag=False, epochs=4, optimizer="sgd", lr=1e-5)
-    watched = _run(tmp_path, pl, with_diag=True, epochs=4, optimizer="sgd", lr=1e-5)
+    # (the time budget lifted: a sweep costs more than 10% of this 80-step fit, and the default would skip it)
+    watched = _run(tmp_path, pl, with_diag=True, epochs=4, optimizer="sgd", lr=1e-5,
+                   diagnostics_kwargs={"lr_probe": LearningRateProbe(budget_fraction=None)})
     probe = watched["diagnostics"].monitor(LearningRateProbe)
     if probe is None or not probe.results:
         codes = sorted({(f.code, f.severity.value) for f in watched["diagnostics"].findings})

@@ -35,6 +35,7 @@ from lightning.fabric import Fabric  # noqa: E402
 from lightning.fabric.strategies import DDPStrategy  # noqa: E402
 
 import diag  # noqa: E402
+from diag.callbacks import LearningRateProbe  # noqa: E402
 from diag.callbacks import session as session_module  # noqa: E402
 from tests.helpers import digits_tensors, mlp  # noqa: E402
 
@@ -89,6 +90,8 @@ def loop(fabric: Fabric, scenario: str, out: str, watch: bool, trainer_of: dict)
     session = None
     if watch:
         settings = dict(loss_fn=loss_fn, log_dir=os.path.join(out, scenario, "logs"), total_steps=EPOCHS * len(loader))
+        if scenario == "lr_too_high":  # a sweep costs more than 10% of this short loop: the verdict, not the budget
+            settings["lr_probe"] = LearningRateProbe(budget_fraction=None)
         session = diag.watch(model, optimizer, fabric=None if plain else fabric, **settings)
         trainer_of["trainer"] = session.trainer
     i = 0

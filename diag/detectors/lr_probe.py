@@ -311,17 +311,36 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
 WRECKED_FALLBACK_FACTOR = 0.1
 
 
+def nothing_fits_near_chance(result: ProbeResult, verdict: Verdict) -> bool:
+    """Whether the current weights look wrecked and an earlier, healthy snapshot should be probed too: no factor fits
+    the batch (the code-bug rule's "no learning rate fits", or an ``lr_ok`` from a sweep where nothing fits) while the
+    loss is still near the input-free level (a converged model also "fits" little, but far below that level).
+    Measured: a ViT-like digits model under AdamW at 0.3 (100x a working rate) stalls at chance with most units dead
+    and its first layer's gradient at 6e-5 of the last's; from its weights no rate fits the batch (best 25%) and the
+    output no longer depends on the input, which the vanishing-gradient guard rightly keeps from being a code bug."""
+    if verdict.code == "suspected_code_bug":
+        return "best_progress" in verdict.evidence
+    if verdict.code != "lr_ok":
+        return False
+    chance = result.zero_input_start_loss
+    best = max((r.progress for r in result.factors if not fails(r, chance)), default=-math.inf)
+    return best < FIT_PROGRESS and chance > 0 and result.start_loss >= LOW_LR_MIN_REMAINING * chance
+
+
 def judge_wrecked(current: ProbeResult, earlier: ProbeResult, earlier_step: int, trained_steps: int = 0,
-                  reasons: Sequence[str] = ()) -> Optional[Verdict]:
+                  reasons: Sequence[str] = (), rate_only: bool = False) -> Optional[Verdict]:
     """Verdict when nothing fits from the current weights (``current``) but the probe from an earlier snapshot
-    (``earlier``) tells more; ``None`` keeps the current verdict (the batch does not fit from there either)."""
+    (``earlier``) tells more; ``None`` keeps the current verdict (the batch does not fit from there either).
+    ``rate_only``: only a rate verdict from the snapshot counts, not "it fitted from there" alone (when the current
+    sweep found no bug: a hard task near chance, two spirals at step 65, fits its batch a little less well after 65
+    healthy steps than at init)."""
     second = judge(earlier, trained_steps=trained_steps, reasons=reasons)
     if second.code in ("lr_too_high", "lr_too_low"):
         second.message = (second.message.rstrip(".") + f" (probed from the weights of step {earlier_step}: from the "
                           "current ones no learning rate fits the batch).")
         return second
     chance = earlier.zero_input_start_loss
-    if second.code != "lr_ok" or not any(fits(r, chance) for r in earlier.factors):
+    if rate_only or second.code != "lr_ok" or not any(fits(r, chance) for r in earlier.factors):
         return None
     lr = current.base_lr
     smaller = [r for r in earlier.factors if r.factor < 1 and fits(r, chance)]

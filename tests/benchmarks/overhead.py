@@ -64,7 +64,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
 
 MONITOR_ARGS = ("loss_curve", "lr_probe", "gradients", "activations", "fit", "setup_check", "data")
-TARGETS = {"cnn": 1.03, "transformer": 1.03, "mlp": 1.10}
+TARGETS = {"cnn": 1.03, "transformer": 1.03, "mlp": 1.10, "stuck": 1.15}  # stuck: issue 13, probe included
 
 
 # ---- workloads ------------------------------------------------------------------------------------------
@@ -134,8 +134,18 @@ def make_workload(name: str, seed: int = 0):
         def factory():
             return Workload(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), ce)
         steps = 300
+    elif name == "stuck":
+        # issue 13: a 150-step fit whose loss stays at chance (labels drawn at random: nothing to learn). The loss
+        # monitor asks for the probe; every probe, the first included, must stay within the probe's time budget.
+        x = torch.randn(64 * 32, 32, generator=g)
+        y = torch.randint(0, 10, (64 * 32,), generator=g)
+        batch = 64
+
+        def factory():
+            return Workload(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), ce)
+        steps = 150
     else:
-        raise ValueError(f"unknown workload {name!r}; choose from cnn, transformer, mlp")
+        raise ValueError(f"unknown workload {name!r}; choose from cnn, transformer, mlp, stuck")
     n_val = batch * 2
     train = DataLoader(TensorDataset(x[n_val:], y[n_val:]), batch_size=batch, shuffle=True, drop_last=True)
     val = DataLoader(TensorDataset(x[:n_val], y[:n_val]), batch_size=batch)
@@ -400,7 +410,7 @@ def bench(name: str, args) -> Dict[str, Any]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "transformer", "mlp"],
-                        choices=["cnn", "transformer", "mlp"])
+                        choices=["cnn", "transformer", "mlp", "stuck"])
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs per variant (median taken)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per fit (0: per-workload default)")
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the per-step time")
