@@ -22,6 +22,7 @@ from diag import signals
 from diag.batch import dataclass_fields, is_dataclass_batch
 from diag.detectors import gradients as rules
 from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms
+from diag.probe import AttributeBindings
 from diag.stats.noise_scale import GradientNoiseScale
 
 from .base import BACKOFF_AFTER, Monitor, Schedule, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
@@ -499,6 +500,7 @@ class GradientMonitor(Monitor):
         np_rng, py_rng = np.random.get_state(), random.getstate()
         buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
         modes = [(m, m.training) for m in pl_module.modules()]
+        attributes = AttributeBindings(pl_module)  # a hidden state the step rebinds (a stateful model)
         silenced = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
         for name in silenced:
             setattr(pl_module, name, lambda *a, **k: None)
@@ -535,6 +537,7 @@ class GradientMonitor(Monitor):
             for m, training in modes:
                 if m.training != training:
                     m.train(training)
+            attributes.restore()
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)

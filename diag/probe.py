@@ -279,6 +279,23 @@ def _plain_attributes(m: nn.Module) -> Dict[str, Any]:
     return {k: v for k, v in m.__dict__.items() if k not in _MODULE_DICTS}
 
 
+class AttributeBindings:
+    """The plain attributes of every submodule of ``module`` (an RNN's ``self.hidden`` carried across batches, a step
+    counter), to be put back after an extra ``training_step``: rebound ones get their old object, new ones go."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.saved = [(m, _plain_attributes(m)) for m in module.modules()]
+
+    def restore(self) -> None:
+        for m, saved in self.saved:
+            now = m.__dict__
+            for name in [k for k in now if k not in saved and k not in _MODULE_DICTS]:
+                del now[name]
+            for name, value in saved.items():
+                if now.get(name, _MISSING) is not value:
+                    now[name] = value
+
+
 class RestorePoint:
     """Everything of ``module`` (and the process RNGs) the probe may change, saved to be put back bitwise."""
 
@@ -290,7 +307,7 @@ class RestorePoint:
         # Plain attributes a training_step may rebind (an RNN's hidden state carried across batches: ``self.hidden``):
         # their bindings are put back between factors and at the end, so each factor starts from the same state and
         # the next training batch sees the state the last one left.
-        self.attributes = [(m, _plain_attributes(m)) for m in module.modules()]
+        self.attributes = AttributeBindings(module)
         self.metrics = [(m, {name: copy.deepcopy(getattr(m, name)) for name in m._defaults},
                          m._update_count, getattr(m, "_computed", None)) for m in _metric_modules(module)]
         self.rng_cpu = torch.get_rng_state()
@@ -310,13 +327,7 @@ class RestorePoint:
         self._restore_attributes()
 
     def _restore_attributes(self) -> None:
-        for m, saved in self.attributes:
-            now = m.__dict__
-            for name in [k for k in now if k not in saved and k not in _MODULE_DICTS]:
-                del now[name]
-            for name, value in saved.items():
-                if now.get(name, _MISSING) is not value:
-                    now[name] = value
+        self.attributes.restore()
 
     def restore(self) -> None:
         with torch.no_grad():

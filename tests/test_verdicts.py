@@ -320,3 +320,36 @@ def test_restore_point_puts_back_rebound_attributes():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run_probe(model, opt, lambda b: F.mse_loss(model(b[0]), b[1]), (torch.randn(8, 3), torch.randn(8, 3)), steps=3)
     assert model.hidden is hidden
+
+
+class RunningInputMean(pl.LightningModule):
+    """Carries state across batches in a plain attribute: a running mean of the inputs that the loss uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp([64, 32, 10])
+        self.running = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        mean = x.mean(0).detach()
+        self.running = mean if self.running is None else 0.9 * self.running + 0.1 * mean
+        return F.cross_entropy(self.net(x - self.running), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_extra_passes_put_back_state_carried_in_attributes(tmp_path):
+    """The gradient noise scale's extra pass (every 25 steps at 8 samples per batch) and the probe call training_step
+    again: the attribute it rebinds is put back, so training is bitwise the same as without Diagnostics."""
+    loader = lambda: digits_loaders(batch_size=8, n_train=512)[0]  # noqa: E731
+    pl.seed_everything(0)
+    base = RunningInputMean()
+    fit(tmp_path / "base", base, loader(), None, [], max_steps=120, logger=False)
+    diagnostics = Diagnostics(lr_probe=LearningRateProbe(preflight_step=30, budget_fraction=None), console=False)
+    pl.seed_everything(0)
+    watched = RunningInputMean()
+    fit(tmp_path / "watched", watched, loader(), None, [diagnostics], max_steps=120, logger=False)
+    assert diagnostics.monitor(LearningRateProbe).results
+    assert state_equal(base, watched) and torch.equal(base.running, watched.running)
