@@ -489,12 +489,15 @@ class Captured(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+MIN_STEPS = [0]  # --min-steps: every fit runs at least this many steps (the probe's budget is a share of the fit)
+
+
 def fit(scenario: Scenario, seed: int, callbacks) -> Tuple[float, pl.Trainer]:
     pl.seed_everything(seed, verbose=False)
     module, train, val = scenario.build(seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(max_steps=scenario.steps, callbacks=list(callbacks), default_root_dir=tmp, logger=False,
+        trainer = pl.Trainer(max_steps=max(scenario.steps, MIN_STEPS[0]), callbacks=list(callbacks), default_root_dir=tmp, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                              num_sanity_val_steps=0, accelerator="cpu", devices=1)
         trainer.fit(module, train, val)
@@ -602,6 +605,9 @@ def ground_truth(scenario: Scenario, seed: int, factors=(0.01, 0.1, 1.0, 10.0, 1
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run (default: all)")
+    parser.add_argument("--min-steps", type=int, default=0,
+                        help="run every fit at least this many steps: the probe's default time budget is 10%% of the "
+                             "fit, which a 300-step fit of these small models cannot afford (1000: it can)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per scenario (3 for the README figures)")
     parser.add_argument("--quick", action="store_true", help="one seed of every scenario")
     parser.add_argument("--verbose", action="store_true", help="print every warning/error finding of every run")
@@ -609,6 +615,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ground-truth", action="store_true",
                         help="no Diagnostics: fit at LR factors 0.01..100 and print the losses (the labels' evidence)")
     args = parser.parse_args(argv)
+    MIN_STEPS[0] = args.min_steps
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
