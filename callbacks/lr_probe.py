@@ -70,7 +70,7 @@ def quiet_logging(pl_module: Any) -> Iterator[None]:
                 pl_module.__dict__.pop(name, None)
 
 
-# The last-finite snapshot is a CPU copy of the weights and optimizer state (about 3x the parameters with Adam):
+# The last-finite snapshot is a device-side copy of the weights and optimizer state (about 3x the parameters with Adam):
 # above this many parameters it is not kept (a NaN run then cannot be probed) so that big models pay nothing.
 SNAPSHOT_MAX_PARAMETERS = 50_000_000
 
@@ -94,7 +94,7 @@ class LearningRateProbe(Monitor):
     is True: monitors with forward or tensor hooks should ignore those passes. The probe does not apply the
     Trainer's precision (autocast) or gradient clipping, and uses the first optimizer only.
 
-    Non-finite weights: the probe then starts from a snapshot, a CPU copy of weights, buffers and optimizer state
+    Non-finite weights: the probe then starts from a snapshot, a copy of weights, buffers and optimizer state on their device
     (memory: about 1x the parameters for SGD, 3x for Adam; none above 50M parameters). It is taken when training
     starts and replaced every ``snapshot_interval`` steps only when the batch loss is finite and lower than at the
     snapshot, so it holds the best state seen, not one that training has since wrecked. When no learning rate fits
@@ -318,7 +318,7 @@ class LearningRateProbe(Monitor):
         if optimizer is None or value >= self._snapshot_loss:
             return
         snapshot = WeightSnapshot.take(pl_module, optimizer, step)
-        if snapshot.is_finite() and optimizer_state_finite(snapshot.optimizer_state):
+        if snapshot.is_finite():  # parameters and optimizer state: one fused check
             self._snapshot, self._snapshot_loss = snapshot, value
 
     def _note_skip(self, why: str, reasons: Sequence[str] = ()) -> None:

@@ -356,10 +356,12 @@ class RestorePoint:
 
 @dataclasses.dataclass
 class WeightSnapshot:
-    """A CPU copy of parameter values, buffers and optimizer state: where the probe starts when weights went NaN.
+    """A copy of parameter values, buffers and optimizer state, on their own device: where the probe starts when the
+    weights went NaN or training wrecked them.
 
-    Memory: one copy of the parameters and buffers plus the optimizer state (about 3x the parameters for Adam),
-    on the CPU; taking one costs a device-to-host copy of that size.
+    Memory: one copy of the parameters and buffers plus the optimizer state (about 3x the parameters for Adam), on the
+    device the model lives on (no host copy, no transfer over PCIe); taking one is a device-side copy, and checking it
+    is one fused finiteness test (one host read).
     """
 
     params: List[torch.Tensor]
@@ -370,13 +372,14 @@ class WeightSnapshot:
     @classmethod
     def take(cls, module: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> "WeightSnapshot":
         with torch.no_grad():
-            params = [p.detach().to("cpu", copy=True) for p in module.parameters()]
-            buffers = [b.detach().to("cpu", copy=True) for b in module.buffers()]
-        state = _to_cpu(copy.deepcopy(optimizer.state_dict()))
+            params = [p.detach().clone() for p in module.parameters()]
+            buffers = [b.detach().clone() for b in module.buffers()]
+            state = copy.deepcopy(optimizer.state_dict())  # tensors are cloned on their device
         return cls(params, buffers, state, step)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.params if t.is_floating_point())
+        """Parameters and optimizer state all finite: one fused check, one host read."""
+        return all_finite(list(self.params) + _state_tensors(self.optimizer_state))
 
     def load_into(self, module: nn.Module) -> None:
         with torch.no_grad():
@@ -386,30 +389,31 @@ class WeightSnapshot:
                 b.copy_(saved)
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
+def _state_tensors(state: Dict[str, Any]) -> List[torch.Tensor]:
+    return [v for per_param in state.get("state", {}).values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every floating tensor is finite: one reduction per device, one host read (not one per tensor)."""
+    flags: Dict[Any, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    if not flags:
+        return True
+    per_device = [torch.stack(v).all() for v in flags.values()]
+    first = per_device[0].device
+    return bool(torch.stack([f.to(first) for f in per_device]).all())
 
 
 def weights_finite(module: nn.Module) -> bool:
-    """One device sync: are all floating parameters finite?"""
-    flats = [p.detach().reshape(-1) for p in module.parameters() if p.is_floating_point()]
-    if not flats:
-        return True
-    return bool(torch.stack([torch.isfinite(f).all() for f in flats]).all())
+    """One host read: are all floating parameters finite?"""
+    return all_finite(list(module.parameters()))
 
 
 def optimizer_state_finite(state: Dict[str, Any]) -> bool:
-    for per_param in state.get("state", {}).values():
-        for v in per_param.values():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                return False
-    return True
+    """One host read: are all floating tensors of an optimizer state dict finite?"""
+    return all_finite(_state_tensors(state))
 
 
 def clone_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], factor: float) -> torch.optim.Optimizer:
