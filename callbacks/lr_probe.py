@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 import torch
 
 from diag import signals
-from diag.detectors.lr_probe import (Verdict, collapsed_after_progress, judge, judge_collapse, judge_control,
-                                     judge_wrecked, nothing_fits_near_chance)
+from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, Verdict, collapsed_after_progress, judge, judge_collapse,
+                                     judge_control, judge_wrecked, nothing_fits_near_chance, temper_too_low)
+from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state, map_batch,
                         optimizer_state_finite, reinitialize, run_probe, weights_finite, zero_inputs)
@@ -230,7 +231,7 @@ class LearningRateProbe(Monitor):
 
     # Verdict codes the ranks vote on under DDP (one all-reduce of this many counts).
     _VOTES = ("none", "lr_ok", "lr_too_high", "lr_too_low", "suspected_code_bug", "dead_units", "saturated_activations",
-              "bad_initialization")
+              "bad_initialization", "probe_skipped")
 
     def _agree(self, verdict: Optional[Verdict], pl_module: Any) -> Optional[Verdict]:
         """Under DDP each rank probed its own batch on its own copy of the state: keep the verdict only when every rank
@@ -238,7 +239,7 @@ class LearningRateProbe(Monitor):
         world = self.world_size()
         if world <= 1:
             return verdict
-        code = "none" if verdict is None or verdict.severity == "info" else verdict.code
+        code = "none" if verdict is None else verdict.code
         votes = torch.zeros(len(self._VOTES), device=getattr(pl_module, "device", None))
         votes[self._VOTES.index(code) if code in self._VOTES else 0] = 1.0
         counts = self.reduce(votes, "sum")
@@ -257,6 +258,7 @@ class LearningRateProbe(Monitor):
             self.results.append(result)
             self.log_scalars({f"diag/probe/loss_fraction@x{r.factor:g}": min(r.loss_fraction, 10.0)
                               for r in result.factors})
+            self._context.collector.log_probe(result, verdict, self.step())  # the sweep as a figure (diag/lr_probe/<n>)
         if verdict is None:
             return
         self._publish(verdict)
@@ -423,6 +425,8 @@ class LearningRateProbe(Monitor):
             control = self._run(trainer, pl_module, optimizer, loss_fn, batch, None, reasons, prepare=fresh,
                                 opt_state=fresh_optimizer_state(optimizer), quiet=True)
             verdict = judge_control(verdict, result, control, trained, kept, reasons)
+        collector = self._context.collector
+        verdict = temper_too_low(verdict, [c for c in DESIGN_EXPLAINS_SLOW if collector.has(c, Severity.WARNING)])
         return verdict, result, snapshot.step if snapshot is not None else None
 
     def _publish(self, verdict: Verdict) -> None:

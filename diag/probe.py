@@ -637,9 +637,10 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
             ran, diverged, first, peak = 0, False, math.nan, -math.inf
             began = time.perf_counter()
             for i in range(steps):
-                if note_missing and i == BUDGET_CHECK_STEPS and budget_seconds is not None:
-                    # the first steps' time (first calls are the slowest: an overestimate) times the steps to come
-                    projected = set_up + (time.perf_counter() - began) / i * steps * runs
+                if note_missing and i == 1:
+                    began = time.perf_counter()  # the first step pays first-call costs: time the next ones
+                if note_missing and i == BUDGET_CHECK_STEPS + 1 and budget_seconds is not None:
+                    projected = set_up + (time.perf_counter() - began) / BUDGET_CHECK_STEPS * steps * runs
                     if projected > budget_seconds:
                         raise ProbeOverBudget(projected, budget_seconds)
                 opt.zero_grad(set_to_none=True)
