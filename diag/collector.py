@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from diag.findings import Finding, Severity
 from diag.sinks.base import Sink
+
+log = logging.getLogger("diag")
 
 
 class FindingsCollector:
@@ -31,6 +34,8 @@ class FindingsCollector:
         self._flushed = False
         self._scalars: Dict[str, float] = {}  # scalars of one step not yet handed to the sinks
         self._scalars_step: Optional[int] = None
+        self._figures = 0  # probe figures of this run so far (their tags are numbered 1, 2, ...)
+        self._no_figures_noted = False
 
     # ---- findings -------------------------------------------------------------------------------
     @property
@@ -83,6 +88,7 @@ class FindingsCollector:
             sink.open(self._findings)
         self._dirty = bool(self._findings)
         self._flushed = False
+        self._no_figures_noted = False
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         """Queue ``scalars`` for ``step``; the sinks get each step's scalars at once, in one write (TensorBoard:
@@ -93,6 +99,42 @@ class FindingsCollector:
             self.write_scalars()
         self._scalars_step = step
         self._scalars.update(scalars)
+
+    def log_probe(self, result: Any, verdict: Any = None, step: int = 0) -> Optional[str]:
+        """Draw the learning-rate probe's sweep and hand it to the sinks that keep figures: TensorBoard's Images tab
+        and the run's ``diag`` folder, as ``diag/lr_probe/<n>`` (n = 1, 2, ... per run); returns the tag.
+
+        ``result`` is a :class:`diag.probe.ProbeResult`, ``verdict`` what the rules made of it (``.code``,
+        ``.suggested_lr``, ``.evidence``) or ``None``. Nothing is drawn when no sink keeps figures (another rank, or
+        no TensorBoard and no JSONL). Without matplotlib there is no figure and one log line per fit says how to get
+        it. Never raises: a figure is not worth a fit.
+        """
+        takers = [sink for sink in self._sinks if getattr(sink, "wants_images", False)]
+        if not takers:
+            return None
+        from diag.sinks import figures
+
+        try:
+            image = figures.probe_sweep_image(result, verdict, step)
+        except Exception as exc:  # a figure that cannot be drawn must not stop the fit
+            log.warning("lightning-diag: could not draw the learning-rate probe's figure (%s: %s).",
+                        type(exc).__name__, str(exc)[:300])
+            return None
+        if image is None:
+            if not self._no_figures_noted and not figures.matplotlib_available():
+                self._no_figures_noted = True
+                log.info("lightning-diag: no figure of the learning-rate probe's sweep (TensorBoard Images tab, "
+                         "`diag report --html`): matplotlib is not installed; %s.", figures.INSTALL_HINT)
+            return None
+        self._figures += 1
+        tag = f"{figures.PROBE_FIGURE_TAG}/{self._figures}"
+        for sink in takers:
+            try:
+                sink.log_image(tag, image, step)
+            except Exception as exc:
+                log.warning("lightning-diag: could not write the figure %s to %s (%s: %s).", tag, type(sink).__name__,
+                            type(exc).__name__, str(exc)[:300])
+        return tag
 
     def write_scalars(self) -> None:
         """Hand the queued scalars to the sinks now."""
@@ -127,7 +169,7 @@ class FindingsCollector:
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {"findings": [f.to_dict() for f in self._findings],
-                "sources": [self._sources.get(f.key, "") for f in self._findings]}
+                "sources": [self._sources.get(f.key, "") for f in self._findings], "figures": self._figures}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         findings = [Finding.from_dict(d) for d in state.get("findings", [])]
@@ -140,4 +182,5 @@ class FindingsCollector:
                 self._index[key] = len(self._findings)
                 self._findings.append(finding)
             self._sources[key] = source
+        self._figures = max(self._figures, int(state.get("figures", 0)))
         self._dirty = True

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from diag.findings import Finding
+
+if TYPE_CHECKING:
+    from diag.sinks.figures import Image
 
 
 class Sink:
@@ -18,6 +21,12 @@ class Sink:
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         """Scalars named ``diag/...``."""
+
+    #: Whether this sink keeps figures (:meth:`log_image`); figures are drawn only when one sink does.
+    wants_images: bool = False
+
+    def log_image(self, tag: str, image: "Image", step: int) -> None:
+        """A figure, e.g. the learning-rate probe's sweep under ``diag/lr_probe/<n>``."""
 
     def flush(self, findings: Sequence[Finding], step: int) -> None:
         """The findings changed since the last flush: rewrite whatever shows all of them."""

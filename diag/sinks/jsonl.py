@@ -1,4 +1,4 @@
-"""JSONL sink: one finding per line at ``<log_dir>/diag/findings.jsonl``."""
+"""JSONL sink: one finding per line at ``<log_dir>/diag/findings.jsonl``; figures beside it (``lr_probe_<n>.png``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from diag.findings import Finding
 from diag.sinks.base import Sink
+from diag.sinks.figures import Image
 
 log = logging.getLogger("diag")
 
@@ -28,6 +29,12 @@ _FIT_FOLDERS: Dict[Tuple[str, Any], str] = {}
 
 def findings_path(log_dir: str) -> str:
     return os.path.join(log_dir, "diag", FILE_NAME)
+
+
+def figure_file_name(tag: str) -> str:
+    """The file of a figure tag, beside the findings: ``diag/lr_probe/2`` -> ``lr_probe_2.png``."""
+    name = tag[len("diag/"):] if tag.startswith("diag/") else tag
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
 
 
 def new_version_dir(root: str) -> str:
@@ -53,13 +60,19 @@ class JsonlSink(Sink):
     made when the fit starts (:func:`new_version_dir`), one per ``fit``: sinks opened with the same key while the first
     is open (monitors used side by side in one fit) share it.
 
+    Figures (the learning-rate probe's sweeps, ``figures=True``) are written beside the file as PNGs,
+    ``lr_probe_<n>.png`` (``diag report --html`` puts them in the report); a name another fit left there gets a suffix
+    (``lr_probe_1-2.png``) instead of being overwritten.
+
     A directory that cannot be written is reported once as a warning and the sink switches itself off:
     training goes on.
     """
 
-    def __init__(self, path: Optional[str] = None, new_version_under: Optional[str] = None, fit: Any = None) -> None:
+    def __init__(self, path: Optional[str] = None, new_version_under: Optional[str] = None, fit: Any = None,
+                 figures: bool = True) -> None:
         if (path is None) == (new_version_under is None):
             raise ValueError("JsonlSink needs either `path` or `new_version_under`.")
+        self.wants_images = bool(figures)
         self.path = path
         self.new_version_under = new_version_under
         self.fit = fit
@@ -106,6 +119,21 @@ class JsonlSink(Sink):
 
     def on_finding(self, finding: Finding, findings: Sequence[Finding]) -> None:
         self._write(finding)
+
+    def log_image(self, tag: str, image: Image, step: int) -> None:
+        if self._file is None:
+            return
+        folder = os.path.dirname(str(self.path)) or "."
+        stem, _ = os.path.splitext(figure_file_name(tag))
+        path, k = os.path.join(folder, stem + ".png"), 1
+        while os.path.exists(path):  # another fit's figure in a shared folder: keep it
+            k += 1
+            path = os.path.join(folder, f"{stem}-{k}.png")
+        try:
+            with open(path, "wb") as fh:
+                fh.write(image.png)
+        except OSError as exc:
+            log.warning("lightning-diag: cannot write the figure %s (%s); the findings are written.", path, exc)
 
     def close(self, findings: Sequence[Finding]) -> None:
         if self._file is not None:

@@ -1,10 +1,10 @@
-"""Findings as tables: markdown for TensorBoard, plain text for the console."""
+"""Findings as tables: markdown for TensorBoard (and MLflow), plain text for the console."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
-from diag.findings import Finding
+from diag.findings import Finding, Severity
 
 COLUMNS = ("severity", "step", "code", "layer", "message", "advice")
 
@@ -18,8 +18,42 @@ def _md_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
+def counts_line(findings: Sequence[Finding]) -> str:
+    """``"1 error, 2 warnings, 0 info"``."""
+    n = {s: sum(f.severity is s for f in findings) for s in Severity}
+    err, warn, info = n[Severity.ERROR], n[Severity.WARNING], n[Severity.INFO]
+    return f"{err} error{'s' * (err != 1)}, {warn} warning{'s' * (warn != 1)}, {info} info"
+
+
+def ordered(findings: Sequence[Finding]) -> List[Finding]:
+    """Worst first, then by step."""
+    return sorted(findings, key=lambda f: (-f.severity.rank, f.step))
+
+
+def finding_heading(f: Finding) -> str:
+    """``**WARNING** · `code` · layer `net.0` · step 12``: what a reader scans for, on one line."""
+    layer = f" · layer `{_md_escape(f.layer)}`" if f.layer else ""
+    return f"**{f.severity.value.upper()}** · `{f.code}`{layer} · step {f.step}"
+
+
+def markdown_findings(findings: Sequence[Finding]) -> str:
+    """The findings for TensorBoard's Text tab: a markdown table of one column, one row per finding, worst first.
+
+    Each row reads at a glance: severity, code, layer and step on the first line, the message below, then the
+    advice. (A table with a column per field breaks short words into letters at usual widths: the six columns share
+    the card, and the message and advice take it.) The header counts the findings by severity.
+    """
+    if not findings:
+        return "_No findings so far._"
+    lines = [f"| lightning-diag: {counts_line(findings)}; worst first |", "|---|"]
+    for f in ordered(findings):
+        lines.append(f"| {finding_heading(f)}<br>{_md_escape(f.message)}<br>**Advice:** {_md_escape(f.advice)} |")
+    return "\n".join(lines)
+
+
 def markdown_table(findings: Sequence[Finding]) -> str:
-    """A markdown table, worst findings first (TensorBoard's Text tab renders it)."""
+    """A markdown table with a column per field (severity, step, code, layer, message, advice), worst findings first:
+    the MLflow run's ``diag/findings.md``. TensorBoard's Text tab shows :func:`markdown_findings`."""
     if not findings:
         return "_No findings so far._"
     ordered = sorted(findings, key=lambda f: (-f.severity.rank, f.step))
