@@ -87,6 +87,10 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Deduplicate before splitting, and split by a group key (user, document) when samples are related."),
         _c("probe_skipped", "info", "a learning-rate probe was asked for but gave no verdict (budget, manual optimization, ...)",
            "Read the reason in the message; a longer fit or LearningRateProbe(budget_fraction=...) lets the probe run."),
+        _c("needs_live_run", "info", "`diag analyze` judged a run from its logged curves alone: telling a learning-rate "
+           "problem from a code bug takes the model (the learning-rate probe of a live run)",
+           "Train it again with Trainer(callbacks=[Diagnostics()]): the probe then says lr_too_high / lr_too_low "
+           "(with the rate to use) or suspected_code_bug."),
         _c("diag_internal_error", "info", "a monitor failed internally and switched itself off",
            "Training continues unaffected; please report the message in the evidence to the lightning-diag maintainers."),
     ]

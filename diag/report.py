@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO
 
 from diag.findings import Finding, Severity
 from diag.sinks.jsonl import FILE_NAME, read_findings
-from diag.sinks.table import text_table
+from diag.sinks.table import counts_line, text_table
 
 # The folder a run's findings live in, below the run's log_dir (see diag.sinks.jsonl.findings_path).
 FINDINGS_FOLDER = "diag"
@@ -147,13 +147,6 @@ def gate(runs: Sequence[RunFindings], fail_on: Severity) -> List[Finding]:
 
 
 # ---- rendering ------------------------------------------------------------------------------------------
-def counts_line(findings: Sequence[Finding]) -> str:
-    """``"1 error, 2 warnings, 0 info"``."""
-    n = {s: sum(f.severity is s for f in findings) for s in Severity}
-    err, warn, info = n[Severity.ERROR], n[Severity.WARNING], n[Severity.INFO]
-    return f"{err} error{'s' * (err != 1)}, {warn} warning{'s' * (warn != 1)}, {info} info"
-
-
 def _empty_text(run: RunFindings, min_severity: Severity) -> str:
     if not run.findings:
         return "No findings: nothing looked wrong."
