@@ -12,6 +12,7 @@ from diag.codes import code_info
 from diag.context import DiagContext
 from diag.findings import Finding, Severity, clip_text
 from diag.sinks import JsonlSink
+from diag.stats.host_read import BatchedRead
 
 from ._compat import CALLBACK_BASES
 from .outputs import make_sinks
@@ -31,6 +32,15 @@ INTERNAL_ERROR_MESSAGE_CHARS = 500
 _DUTY_HOOKS = frozenset({"setup", "on_fit_start", "on_train_batch_end", "on_train_epoch_end", "on_validation_end",
                          "on_fit_end", "on_exception", "teardown"})
 
+
+# Host reads (SPEC "Bounded cost": no host read on an unsampled step). A monitor measures on the device and hands its
+# tensors to one BatchedRead; the callback that drives the steps reads them all with one ``tolist()`` at the end of the
+# batch after which the global step reaches a multiple of READ_EVERY (global steps 9, 19, 29, ... without
+# accumulation: the batch of the loss monitor's 10-step read), and between steps (validation end, epoch end, fit end).
+# So at most one read per READ_EVERY steps, whatever the monitors and their intervals: a measurement taken between two
+# read steps waits on the device (O(layers)) for the next one. 10 is the loss monitor's read interval and the
+# activation monitor's sampling interval; the gradient monitor samples every 20 steps.
+READ_EVERY = 10
 
 # Sampling back-off (GradientMonitor, ActivationMonitor): the first BACKOFF_AFTER samples come at the configured
 # interval (enough for every rule's minimum evidence in short runs: missing gradients 8 samples, zig-zag 5 pairs, noise
@@ -150,6 +160,8 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         self._owner: Any = None  # the composing Diagnostics, which routes hooks to its monitors
         self._fits = 0  # fits this object has watched (a reused callback starts each new one clean)
         self._findings_file: Optional[str] = None
+        self._host_reads = BatchedRead()  # used when this monitor drives the steps (alone, or as Diagnostics)
+        self._read_block: Optional[int] = None  # global step // READ_EVERY at the last read step
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -230,9 +242,57 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         return self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
                            layer=getattr(verdict, "layer", None), severity=getattr(verdict, "severity", None))
 
-    def log_scalars(self, scalars: Mapping[str, float]) -> None:
-        """Scalars named ``diag/...`` at the current global step (TensorBoard, or the logger's ``log_metrics``)."""
-        self._context.collector.log_scalars(scalars, self.step())
+    def log_scalars(self, scalars: Mapping[str, float], step: Optional[int] = None) -> None:
+        """Scalars named ``diag/...`` at ``step`` (default: the current global step), to TensorBoard or the logger's
+        ``log_metrics``. A measurement read at a later step is logged at the step it was taken."""
+        self._context.collector.log_scalars(scalars, self.step() if step is None else step)
+
+    # ---- host reads -------------------------------------------------------------------------------
+    def read_on_host(self, values: Any, use: Callable[[List[float]], None]) -> None:
+        """Hand ``values`` (a tensor on the model's device) to the next batched host read; ``use(list_of_floats)``
+        runs then, at a read step or between steps (see ``READ_EVERY``), never in this call. An exception in ``use``
+        switches this monitor off, as in a hook."""
+        self._driver()._host_reads.submit(values, self._guarded_use(use))
+
+    def read_scalars_on_host(self, values: Any, use: Callable[[List[float]], None]) -> None:
+        """Like :meth:`read_on_host` for a list of scalars: tensors (read as their mean), numbers, ``None`` (NaN)."""
+        self._driver()._host_reads.submit_scalars(values, self._guarded_use(use))
+
+    def _guarded_use(self, use: Callable[[List[float]], None]) -> Callable[[List[float]], None]:
+        def run(values: List[float]) -> None:
+            if self._disabled:
+                return
+            try:
+                use(values)
+            except Exception as exc:  # never raised into the fit: see SPEC "Never breaks the user's fit"
+                self._fail(exc, "a batched host read")
+        return run
+
+    def _driver(self) -> "Monitor":
+        """The monitor that drives the steps: the composing Diagnostics, else this one."""
+        return self._owner if self._owner is not None and not self._is_root else self
+
+    def _read_at_step_end(self, step: int) -> None:
+        """The driver, at the end of each training batch (``step``: the global step after it): read whatever waits
+        when the global step has reached a new multiple of ``READ_EVERY``."""
+        block = step // READ_EVERY
+        if block == self._read_block:
+            return
+        if self._read_block is None:  # (no on_fit_start seen: the first batch sets the phase)
+            self._read_block = block
+            return
+        self._read_block = block
+        self._read_pending()
+
+    def _read_pending(self) -> None:
+        """The driver: read whatever waits now (between steps: validation end, epoch end, fit end, a checkpoint)."""
+        if not len(self._host_reads):
+            return
+        try:
+            self._host_reads.read()
+        except Exception as exc:  # (each monitor's part is guarded; this is the read itself)
+            log.warning("lightning-diag: %s could not read its statistics from the device: %s: %s", self.name,
+                        type(exc).__name__, exc)
 
     def world_size(self) -> int:
         return int(getattr(self._trainer, "world_size", 1) or 1) if self._trainer is not None else 1
@@ -309,6 +369,8 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
         try:
             if when == "before" and hook in ("setup", "on_fit_start") and args:
                 self._trainer = args[0]
+                if hook == "on_fit_start":
+                    self._read_block = int(getattr(args[0], "global_step", 0) or 0) // READ_EVERY
             if when == "before" and hook == "setup" and (kwargs or {}).get("stage", args[2:3] and args[2]) == "fit":
                 if self._fits:  # the same callback object in a new fit (a checkpoint's state is loaded after setup)
                     self._start_clean()
@@ -325,14 +387,18 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
                                             and not s._failed), None)
             elif when == "after" and hook == "on_train_batch_end":
                 step = self.step()
+                self._read_at_step_end(step)
                 collector.flush(step)
                 self._after_batch(step)
             elif when == "after" and hook in ("on_train_epoch_end", "on_validation_end"):
+                self._read_pending()
                 collector.flush(self.step())
             elif when == "after" and hook in ("on_fit_end", "on_exception"):
+                self._read_pending()
                 collector.flush(self.step(), force=True)
                 collector.close()
             elif when == "after" and hook == "teardown":
+                self._host_reads.clear()
                 self._release()
         except Exception as exc:  # a sink failing must not break the fit either
             log.warning("lightning-diag: %s could not write its output in %s: %s: %s", self.name, hook,
@@ -394,6 +460,8 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         try:
+            if self._is_root:
+                self._read_pending()  # a checkpoint holds every measurement taken so far
             state = {"monitor": self._monitor_state()}
             if self._is_root:
                 state["collector"] = self._context.collector.state_dict()

@@ -197,6 +197,25 @@ class Diagnostics(Monitor):
     for _hook in _FORWARDED_HOOKS:
         locals()[_hook] = _make_forwarder(_hook)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Hands ``on_train_batch_end`` to the monitors; on a read step (see ``READ_EVERY``) the batched host read comes
+        after the measuring monitors and before the learning-rate probe, so that the probe acts on this step's
+        requests, as it did when each monitor read its own numbers."""
+        methods = self._hooked["on_train_batch_end"]
+        read = False
+        for method in methods:
+            if not read and isinstance(method.__self__, LearningRateProbe):
+                self._read_at_step_end(int(trainer.global_step))
+                read = True
+            method(trainer, pl_module, outputs, batch, batch_idx)
+        if not read:
+            self._read_at_step_end(int(trainer.global_step))
+        if self._hooked["on_train_batch_end"] is not methods:  # a request woke the probe (see _make_forwarder)
+            called = set(methods)
+            for method in self._hooked["on_train_batch_end"]:
+                if method not in called:
+                    method(trainer, pl_module, outputs, batch, batch_idx)
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Restores the full hook table (a second fit with the same callback) and hands ``setup`` to every monitor."""
         self._build_hook_table()
