@@ -198,7 +198,7 @@ class GradientMonitor(Monitor):
         self._batch_idx = 0
         self._window_samples = 0
         self._backwards_in_window = 0
-        self._micro_sq: Optional[float] = None
+        self._micro_sq: Optional[torch.Tensor] = None  # on the device
         self._micro_size = 0
         self._sampled_step = -1  # the optimizer step just measured (for on_train_batch_end)
         self._own_loss = True
@@ -267,10 +267,16 @@ class GradientMonitor(Monitor):
             # divides the loss) and by the AMP loss scale when a GradScaler is used.
             grads = [_norm_view(p.grad) for p in pl_module.parameters() if p.grad is not None]
             if grads:
-                sq = squared_norms(grads).sum()
+                # kept on the device (read with the step's other figures): |g|^2 * (accumulate / loss scale)^2
+                sq = squared_norms(grads).sum().double() * float(trainer.accumulate_grad_batches) ** 2
                 scaler = getattr(trainer.precision_plugin, "scaler", None)
-                scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-                self._micro_sq = float(sq) * (trainer.accumulate_grad_batches / scale) ** 2
+                if scaler is not None and scaler.is_enabled():
+                    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+                    if isinstance(scale, torch.Tensor):
+                        sq = sq / scale.to(device=sq.device, dtype=torch.float64) ** 2
+                    else:
+                        sq = sq / float(scaler.get_scale()) ** 2
+                self._micro_sq = sq
                 self._micro_size = _batch_size(self._batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -301,7 +307,8 @@ class GradientMonitor(Monitor):
             if self._own_loss and self._context.get(signals.LOSS_SMOOTHED) is not None:
                 self._own_loss = False  # a loss monitor publishes better evidence
             if self._loss_sum is not None and self._loss_count:
-                self._observe_loss(float(self._loss_sum.float()) / self._loss_count)
+                count = self._loss_count
+                self.read_on_host(self._loss_sum.float(), lambda values: self._observe_loss(values[0] / count))
             self._loss_sum, self._loss_count = None, 0
         self._sleep_until_next_event(trainer, pl_module)
 
@@ -361,6 +368,8 @@ class GradientMonitor(Monitor):
         return 0
 
     def _measure(self, trainer: Any, pl_module: Any, optimizer: Any, step: int, sampled: bool, noise: bool) -> None:
+        """Take this step's figures on the device and hand them to the next batched host read (no host sync here);
+        :meth:`_use_measurement` gets the numbers."""
         state = self._state_for(trainer, pl_module, optimizer)
         g = state.grouping
         trainable: List[int] = []
@@ -371,46 +380,66 @@ class GradientMonitor(Monitor):
             if not with_grad:  # training_step returned None: no backward, and the optimizer step changes nothing
                 sampled = noise = False
         update = state.tracker.observe(start_pair=sampled) if self.track_updates else None
+        n_layers = len(g.layers)
+        update_keys = list(update.keys()) if update is not None else []
         if not sampled and not noise:
-            if update is not None:
-                self._use_update(state, update.keys(), torch.cat(list(update.values())).tolist(), len(g.layers))
+            if update is not None:  # the second or third step of an update pair
+                self.read_on_host(torch.cat(list(update.values())),
+                                  lambda values: self._use_update(state, update_keys, values, n_layers, step))
             return
         grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
         # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio)
-        pieces = [squared_norms(grads + [g.params[i].detach() for i in with_grad])] if grads else []
-        device = grads[0].device if grads else torch.device("cpu")
+        pieces = [squared_norms(grads + [g.params[i].detach() for i in with_grad])]
+        device = grads[0].device
         clip_val = getattr(trainer, "gradient_clip_val", None)
         algorithm = str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower()
-        if clip_val and algorithm.endswith("value") and grads:
-            pieces.append(torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))]).amax()[None].float())
+        value_clip = bool(clip_val) and algorithm.endswith("value")
+        if value_clip:
+            norms = torch._foreach_norm(grads, float("inf"))
+            pieces.append(torch.stack([n if n.device == device else n.to(device) for n in norms]).amax()[None].float())
         if update is not None:
-            pieces.extend(u.to(device) for u in update.values())
+            pieces.extend(u if u.device == device else u.to(device) for u in update.values())
         small = self._noise_small(trainer, pl_module, g, with_grad) if noise else None
-        values = torch.cat(pieces).tolist() if pieces else []  # the one host sync of this step
-        n = len(with_grad)
+        if small is not None:
+            pieces.append(small[0])
+        if sampled:
+            self._sampled_step = step
+        layout = (len(with_grad), value_clip, update_keys, n_layers, small[1:] if small is not None else None)
+
+        def use(values: List[float]) -> None:
+            self._use_measurement(state, step, sampled, trainable, with_grad, clip_val, layout, values)
+
+        self.read_on_host(torch.cat(pieces), use)
+
+    def _use_measurement(self, state: _OptimizerState, step: int, sampled: bool, trainable: List[int],
+                         with_grad: List[int], clip_val: Any, layout: Tuple[Any, ...], values: List[float]) -> None:
+        """The numbers of one :meth:`_measure`, read from the device: statistics, scalars (at ``step``) and the rules."""
+        g = state.grouping
+        n, value_clip, update_keys, n_layers, noise_layout = layout
         param_sq, weight_total_sq, rest = values[:n], sum(values[n:2 * n]), values[2 * n:]
         max_abs = None
-        if clip_val and algorithm.endswith("value") and grads:
+        if value_clip:
             max_abs, rest = rest[0], rest[1:]
+        update_values, small_values = rest[:len(update_keys) * n_layers], rest[len(update_keys) * n_layers:]
         total_sq = sum(param_sq)
-        if small is not None and math.isfinite(total_sq):
-            pairs, b_big = small
-            for small_sq, b_small in pairs:
+        if noise_layout is not None and math.isfinite(total_sq):
+            b_smalls, b_big = noise_layout
+            for small_sq, b_small in zip(small_values, b_smalls):
                 if math.isfinite(small_sq) and b_small < b_big:
                     self._noise.update(small_sq, total_sq, b_small, b_big)
                     self._noise_window.append((small_sq, total_sq, b_small, b_big))
-        if update is not None:
-            self._use_update(state, update.keys(), rest, len(g.layers))
+        if update_keys:
+            self._use_update(state, update_keys, update_values, n_layers, step)
         if not sampled:
             return
-        self._sampled_step = step
         state.samples += 1
         # per-layer gradient norms
         layer_sq = [0.0] * len(g.layers)
         layer_has = [False] * len(g.layers)
+        layer_index = g.layer_index
         for i, sq in zip(with_grad, param_sq):
-            layer_sq[g._index[i]] += sq
-            layer_has[g._index[i]] = True
+            layer_sq[layer_index[i]] += sq
+            layer_has[layer_index[i]] = True
         for i in trainable:
             state.expected[i] += 1
         for i, sq in zip(with_grad, param_sq):
@@ -438,19 +467,21 @@ class GradientMonitor(Monitor):
             state.depth_layers = (g.layers[first], g.layers[last])
         if clip_val:
             state.clip_checks += 1
-            clipped = (max_abs is not None and max_abs > clip_val) if algorithm.endswith("value") else total > clip_val
+            clipped = (max_abs is not None and max_abs > clip_val) if value_clip else total > clip_val
             state.clipped += int(clipped)
             scalars["diag/grad_clip_fraction"] = state.clipped / state.clip_checks
-        if small is not None:
+        if noise_layout is not None:
             est = self._noise.compute()
             if math.isfinite(est["noise_scale"]):
                 scalars["diag/grad_noise_scale"] = est["noise_scale"]
-            scalars["diag/batch_size"] = small[1]
-        self.log_scalars(scalars)
+            scalars["diag/batch_size"] = noise_layout[1]
+        self.log_scalars(scalars, step)
         self._judge(state, step)
 
-    def _noise_small(self, trainer: Any, pl_module: Any, g: LayerGrouping, with_grad: List[int]):
-        """Squared norm of a gradient over fewer samples at the current parameters (``None`` when unavailable)."""
+    def _noise_small(self, trainer: Any, pl_module: Any, g: LayerGrouping,
+                     with_grad: List[int]) -> Optional[Tuple[torch.Tensor, List[int], int]]:
+        """Squared norms of gradients over fewer samples at the current parameters, on the device, with their sample
+        counts and the big batch's: ``(squared norms, [b_small, ...], b_big)``; ``None`` when unavailable."""
         if not pl_module.automatic_optimization or not with_grad:
             return None
         world = max(1, int(getattr(trainer, "world_size", 1) or 1))
@@ -465,7 +496,7 @@ class GradientMonitor(Monitor):
         if trainer.accumulate_grad_batches > 1:
             if self._micro_sq is None or not self._micro_size or self._window_samples <= self._micro_size:
                 return None
-            pairs = [(self._micro_sq, self._micro_size)]
+            small, b_smalls = self._micro_sq.reshape(1), [self._micro_size]
             b_big = self._window_samples * world
         else:
             size = _batch_size(self._batch)
@@ -478,22 +509,24 @@ class GradientMonitor(Monitor):
             first = self._part_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, part), params)
             if first is None:
                 return None
-            first_sq, dot, big_sq = first
+            first_sq, big_sq, dot = first.unbind()
             # The rest needs no pass: G_big = (h G_a + (B-h) G_b) / B, so G_b = (B G_big - h G_a) / (B-h).
             rest = size - part
             second_sq = (size ** 2 * big_sq - 2 * size * part * dot + part ** 2 * first_sq) / rest ** 2
             # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first part is usable.
-            pairs = [(first_sq, part), (second_sq, rest)] if world == 1 else [(first_sq, part)]
+            if world == 1:
+                small, b_smalls = torch.stack([first_sq, second_sq]), [part, rest]
+            else:
+                small, b_smalls = first_sq.reshape(1), [part]
             b_big = size * world
         if world > 1:  # every rank reaches this at the same (globally sampled) step: average the local estimates
-            local = torch.tensor([sq for sq, _ in pairs], device=device, dtype=torch.float64)
-            pairs = list(zip(self.reduce(local, "mean").tolist(), [b for _, b in pairs]))
-        return pairs, b_big
+            small = self.reduce(small.to(device=device, dtype=torch.float64), "mean")
+        return small, b_smalls, b_big
 
     def _part_batch_sq_norm(self, trainer: Any, pl_module: Any, part: Any,
-                            params: List[torch.Tensor]) -> Optional[Tuple[float, float, float]]:
+                            params: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """Re-run ``training_step`` on ``part`` of the batch and take its gradient ``G_a`` with ``autograd.grad`` (``.grad`` is
-        untouched); returns ``(|G_a|², <G_a, G_big>, |G_big|²)``. Everything the extra pass can change is restored:
+        untouched); returns ``[|G_a|², |G_big|², <G_a, G_big>]`` on the device (float64). Everything the extra pass can change is restored:
         RNG states, buffers (BatchNorm statistics), train/eval modes; ``self.log`` calls are dropped."""
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -522,8 +555,7 @@ class GradientMonitor(Monitor):
             big = [p.grad.detach() for gr, p in zip(grads, params) if gr is not None]
             if not mine:
                 return None
-            first_sq, big_sq, dot = norms_and_dots(mine, big).sum(1).tolist()
-            return first_sq, dot, big_sq
+            return norms_and_dots(mine, big).sum(1)
         finally:
             self._context.publish(signals.GRAD_EXTRA_PASS, False)
             for name, original in silenced.items():
@@ -544,7 +576,7 @@ class GradientMonitor(Monitor):
             np.random.set_state(np_rng)
             random.setstate(py_rng)
 
-    def _use_update(self, state: _OptimizerState, keys: Any, values: List[float], n_layers: int) -> None:
+    def _use_update(self, state: _OptimizerState, keys: Any, values: List[float], n_layers: int, step: int) -> None:
         keys = list(keys)
         parts = {k: values[i * n_layers:(i + 1) * n_layers] for i, k in enumerate(keys)}
         layers = state.grouping.layers
@@ -575,7 +607,7 @@ class GradientMonitor(Monitor):
                     scalars[f"diag/update_cosine/{layer}"] = per_layer[layer]
             state.layer_cosine.update(per_layer)
         if scalars:
-            self.log_scalars(scalars)
+            self.log_scalars(scalars, step)
 
     def _observe_loss(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -659,7 +691,7 @@ class GradientMonitor(Monitor):
             if exp < rules.MISSING_MIN_SAMPLES:
                 continue
             short = name.rsplit(".", 1)[-1]
-            layer = state.grouping.layers[state.grouping._index[i]]
+            layer = state.grouping.layers[state.grouping.layer_index[i]]
             if state.had_grad[i] == 0:
                 by_layer.setdefault(layer, ([], []))[0].append(short)
             elif state.got[i] == 0:

@@ -42,6 +42,7 @@ class LayerGrouping:
             self.names.append(name)
             self.params.append(p)
             index.append(layer_index[layer])
+        self.layer_index: List[int] = index  # layer of each parameter, for host-side loops (no tensor indexing)
         self._index = torch.tensor(index, dtype=torch.long)
         self._index_on: Dict[torch.device, torch.Tensor] = {}
 
