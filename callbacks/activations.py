@@ -3,8 +3,9 @@
 Hooks exist only during the forward pass of a sampled training step: they are registered in
 ``on_train_batch_start`` of a sampled step and removed before the backward pass (``on_before_backward``) or at
 the latest in ``on_train_batch_end``. Other steps, validation, sanity checking and the learning-rate probe never
-see them. A hook reduces the tensor to per-feature vectors on the device at once (no host sync); the window's
-statistics are read back with one ``tolist()`` when a window of sampled steps closes.
+see them. A hook reduces the tensor to per-feature vectors on the device at once (no host sync); when a window of
+sampled steps closes, its summary is computed on the device and read with the other monitors' figures at the next
+batched host read (see ``READ_EVERY`` in ``base.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from diag.detectors import activations as rules
-from diag.stats.activations import FeatureMoments, summarize_all
+from diag.stats.activations import FeatureMoments, summaries_from, summary_table
 
 from .base import Monitor, Schedule, check_positive_int
 
@@ -283,13 +284,16 @@ class ActivationMonitor(Monitor):
             total = self.reduce(torch.cat(flats), "sum")
             for layer, chunk in zip(layers, total.split([f.numel() for f in flats])):
                 layer.moments.load_flat(chunk)
-        summaries = summarize_all([layer.moments for layer in layers])
+        table = summary_table([layer.moments for layer in layers])
         for layer in layers:
             layer.moments.reset()
         self._windows += 1
-        self._judge(layers, summaries)
+        if table is None:
+            return
+        step = self.step()
+        self.read_on_host(table, lambda values: self._judge(layers, summaries_from(values, len(layers)), step))
 
-    def _judge(self, layers: List[_Layer], summaries: List[Mapping[str, float]]) -> None:
+    def _judge(self, layers: List[_Layer], summaries: List[Mapping[str, float]], step: Optional[int] = None) -> None:
         signs = rules.symptoms(self._context.signals)
         scalars: Dict[str, float] = {}
         for layer, summary in zip(layers, summaries):
@@ -311,7 +315,7 @@ class ActivationMonitor(Monitor):
                             rules.saturated_activations(view, signs)):
                 if verdict is not None:
                     self.report_verdict(verdict)
-        self.log_scalars({k: v for k, v in scalars.items() if v == v})  # NaN-free
+        self.log_scalars({k: v for k, v in scalars.items() if v == v}, step)  # NaN-free
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _monitor_state(self) -> Dict[str, Any]:

@@ -4,8 +4,9 @@ A layer's activation tensor is reduced at once to per-feature vectors (a feature
 ``(batch, ..., features)`` tensor, or the channel axis of a ``(batch, channels, *spatial)`` tensor; every
 other axis counts as samples), so memory is O(features) whatever the batch and the number of steps.
 ``update`` launches four or five reductions and four in-place updates and never synchronizes with the host;
-:func:`summarize_all` turns the window of every layer into a handful of numbers per layer with a few
-vectorized operations and one ``tolist()``.
+:func:`summary_table` turns the window of every layer into a handful of numbers per layer with a few vectorized
+operations on the device (no host sync: to be read with other figures), :func:`summaries_from` makes them dicts, and
+:func:`summarize_all` does both with one ``tolist()``.
 
 State per layer (vectors of ``features`` entries, in the activations' precision, float32 for bf16/fp16):
 
@@ -161,7 +162,7 @@ class FeatureMoments:
         if self.sum is None:
             return None
         low, high = self.low, self.high
-        parts = [torch.tensor([self.count], dtype=torch.float64, device=self.sum.device), self.sum.double(),
+        parts = [_count_tensor(self.count, self.sum.device).reshape(1), self.sum.double(),
                  self.sum_sq.double(), (low < 0).double(), (low <= 0).double(), (high > 0).double(),
                  (high > 1).double()]
         if self.saturated is not None:
@@ -174,7 +175,7 @@ class FeatureMoments:
         dtype = self.sum.dtype
         count, rest = flat[0], flat[1:]
         chunks = rest.split(self.features)
-        self.count = float(count)
+        self.count = count  # a 0-d tensor on the device (read with the summary, not here)
         self.sum, self.sum_sq = chunks[0].to(dtype), chunks[1].to(dtype)
         negative, nonpositive, positive, above_one = (c > 0 for c in chunks[2:6])
         # stand-in extremes that give back the same masks
@@ -184,7 +185,7 @@ class FeatureMoments:
             self.saturated = chunks[6].to(dtype)
 
     def state_dict(self) -> Dict[str, object]:
-        state: Dict[str, object] = {"features": self.features, "count": self.count}
+        state: Dict[str, object] = {"features": self.features, "count": float(self.count)}
         for name in self._VECTORS:
             value = getattr(self, name)
             state[name] = None if value is None else value.detach().cpu().clone()
@@ -201,59 +202,89 @@ class FeatureMoments:
 _LAYOUTS: Dict[tuple, tuple] = {}  # per model layout: layer index, unit masks (a few models per process at most)
 
 
+def _count_tensor(count: object, device: torch.device) -> torch.Tensor:
+    """A sample count (a number, or a 0-d tensor after a DDP reduction) as a 0-d float64 tensor on ``device``, built
+    there (``torch.full``: no copy from the host, no sync)."""
+    if isinstance(count, torch.Tensor):
+        return count.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(count), dtype=torch.float64, device=device)  # type: ignore[arg-type]
+
+
 def _layout(full: Sequence[FeatureMoments], device: torch.device) -> tuple:
+    """Per feature: its layer's index, whether the layer counts saturated units, the unit share; per layer: the
+    saturation flag. Built on ``device`` with fill kernels (no copy from the host), once per model layout."""
     key = (str(device),) + tuple((m.features, m.saturation is not None, m.unit_share) for m in full)
     cached = _LAYOUTS.get(key)
     if cached is None:
         if len(_LAYOUTS) > 16:
             _LAYOUTS.clear()
-        sizes = torch.tensor([m.features for m in full])
-        layer = torch.repeat_interleave(torch.arange(len(full)), sizes)
-        has_units = torch.tensor([m.saturation is not None for m in full])
-        share = torch.tensor([m.unit_share for m in full], dtype=torch.float64)
-        cached = _LAYOUTS[key] = (layer.to(device), has_units[layer].to(device), share[layer].to(device),
-                                  has_units.to(device))
+
+        def per_feature(values: Sequence[object], dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat([torch.full((m.features,), v, dtype=dtype, device=device)  # type: ignore[arg-type]
+                              for m, v in zip(full, values)])
+
+        units = [m.saturation is not None for m in full]
+        cached = _LAYOUTS[key] = (
+            per_feature(range(len(full)), torch.long), per_feature(units, torch.bool),
+            per_feature([m.unit_share for m in full], torch.float64),
+            torch.cat([torch.full((1,), u, dtype=torch.bool, device=device) for u in units]))
     return cached
 
 
 @torch.no_grad()
-def summarize_all(moments: Sequence[FeatureMoments]) -> List[Dict[str, float]]:
-    """Summaries (dicts keyed by :data:`SUMMARY_FIELDS`) of several layers: vectorized over all layers' features,
-    with one host synchronization. Empty layers give NaN."""
+def summary_table(moments: Sequence[FeatureMoments]) -> Optional[torch.Tensor]:
+    """The summaries of the non-empty layers among ``moments``, on their device: a float64 ``(layers, fields)`` tensor
+    (fields in :data:`SUMMARY_FIELDS` order), vectorized over all layers' features; ``None`` when all are empty. No
+    host sync: read it (with other figures) and pass the values to :func:`summaries_from`."""
     full = [m for m in moments if not m.empty]
-    rows: Dict[int, List[float]] = {}
-    if full:
-        device = full[0].sum.device  # type: ignore[union-attr]
-        layer, units, unit_share, has_units = _layout(full, device)
-        def cat(name: str) -> torch.Tensor:
-            return torch.cat([getattr(m, name).to(device=device, dtype=torch.float64) for m in full])
+    if not full:
+        return None
+    device = full[0].sum.device  # type: ignore[union-attr]
+    layer, units, unit_share, has_units = _layout(full, device)
 
-        counts = torch.tensor([m.count for m in full], dtype=torch.float64).to(device)
-        count_f = counts[layer]
-        mean_f = cat("sum") / count_f
-        ex2_f = cat("sum_sq") / count_f
-        var_f = (ex2_f - mean_f * mean_f).clamp_min(0)
-        low, high = cat("low"), cat("high")
-        negative, positive = low < 0, high > 0
-        live = negative | positive
-        sat_parts = [(m.saturated.to(device=device, dtype=torch.float64) if m.saturated is not None
-                      else torch.zeros(m.features, dtype=torch.float64, device=device)) for m in full]
-        saturated = (torch.cat(sat_parts) / count_f) >= unit_share
-        columns = torch.stack([
-            torch.ones_like(mean_f), mean_f, ex2_f, var_f, mean_f * mean_f, live.double(),
-            (live & ~negative).double(), (live & (low > 0)).double(), (live & ~negative & (high <= 1)).double(),
-            (saturated & units).double(),
-        ], dim=1)
-        sums = torch.zeros(len(full), columns.shape[1], dtype=torch.float64, device=device)
-        sums.index_add_(0, layer, columns)
-        n, s_mean, s_ex2, s_var, s_mean2, n_live, n_pos, n_strict, n_bounded, n_sat = sums.unbind(1)
-        mean = s_mean / n
-        std = (s_ex2 / n - mean * mean).clamp_min(0).sqrt()
-        offset = (s_mean2 / n).sqrt() / (s_var / n).sqrt().clamp_min(1e-12)
-        live_den = n_live.clamp_min(1)
-        sat_fraction = torch.where(has_units, n_sat / n, torch.full_like(n, float("nan")))
-        table = torch.stack([counts, n, mean, std, offset, n_pos / live_den, n_strict / live_den,
-                             n_bounded / live_den, (n - n_live) / n, sat_fraction], dim=1).tolist()
-        rows = {id(m): row for m, row in zip(full, table)}
-    nan_row = [float("nan")] * len(SUMMARY_FIELDS)
-    return [dict(zip(SUMMARY_FIELDS, rows.get(id(m), nan_row))) for m in moments]
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(m, name).to(device=device, dtype=torch.float64) for m in full])
+
+    counts = torch.stack([_count_tensor(m.count, device) for m in full])
+    count_f = counts[layer]
+    mean_f = cat("sum") / count_f
+    ex2_f = cat("sum_sq") / count_f
+    var_f = (ex2_f - mean_f * mean_f).clamp_min(0)
+    low, high = cat("low"), cat("high")
+    negative, positive = low < 0, high > 0
+    live = negative | positive
+    sat_parts = [(m.saturated.to(device=device, dtype=torch.float64) if m.saturated is not None
+                  else torch.zeros(m.features, dtype=torch.float64, device=device)) for m in full]
+    saturated = (torch.cat(sat_parts) / count_f) >= unit_share
+    columns = torch.stack([
+        torch.ones_like(mean_f), mean_f, ex2_f, var_f, mean_f * mean_f, live.double(),
+        (live & ~negative).double(), (live & (low > 0)).double(), (live & ~negative & (high <= 1)).double(),
+        (saturated & units).double(),
+    ], dim=1)
+    sums = torch.zeros(len(full), columns.shape[1], dtype=torch.float64, device=device)
+    sums.index_add_(0, layer, columns)
+    n, s_mean, s_ex2, s_var, s_mean2, n_live, n_pos, n_strict, n_bounded, n_sat = sums.unbind(1)
+    mean = s_mean / n
+    std = (s_ex2 / n - mean * mean).clamp_min(0).sqrt()
+    offset = (s_mean2 / n).sqrt() / (s_var / n).sqrt().clamp_min(1e-12)
+    live_den = n_live.clamp_min(1)
+    sat_fraction = torch.where(has_units, n_sat / n, torch.full_like(n, float("nan")))
+    return torch.stack([counts, n, mean, std, offset, n_pos / live_den, n_strict / live_den,
+                        n_bounded / live_den, (n - n_live) / n, sat_fraction], dim=1)
+
+
+def summaries_from(values: Sequence[float], layers: int) -> List[Dict[str, float]]:
+    """The flat values of a :func:`summary_table` of ``layers`` layers, as one dict per layer."""
+    width = len(SUMMARY_FIELDS)
+    return [dict(zip(SUMMARY_FIELDS, values[i * width:(i + 1) * width])) for i in range(layers)]
+
+
+def summarize_all(moments: Sequence[FeatureMoments]) -> List[Dict[str, float]]:
+    """Summaries (dicts keyed by :data:`SUMMARY_FIELDS`) of several layers, with one host synchronization. Empty
+    layers give NaN."""
+    table = summary_table(moments)
+    full = [m for m in moments if not m.empty]
+    rows = summaries_from(table.reshape(-1).tolist(), len(full)) if table is not None else []
+    by_id = {id(m): row for m, row in zip(full, rows)}
+    nan_row = dict(zip(SUMMARY_FIELDS, [float("nan")] * len(SUMMARY_FIELDS)))
+    return [by_id.get(id(m), nan_row) for m in moments]
