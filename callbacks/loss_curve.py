@@ -232,7 +232,8 @@ class LossCurveMonitor(Monitor):
             self._drain()
 
     def _drain(self) -> None:
-        """Read the buffered losses (one host sync), update the statistics and run the rules."""
+        """Hand the buffered losses to the callback's batched host read (read with the other monitors' figures at the
+        next read step: see ``READ_EVERY``), which updates the statistics and runs the rules."""
         if not self._buffer:
             return
         buffer, self._buffer = self._buffer, []
@@ -244,12 +245,16 @@ class LossCurveMonitor(Monitor):
             device = buffer[-1].device  # (the model may have moved between devices since the buffer started)
             losses = torch.stack([t.reshape(()).to(device) for t in buffer]).float()
         # every rank buffers the same number of steps, so every rank reduces the same shape here
-        values: List[float] = self.reduce(losses, "mean").tolist()
-        for i, value in enumerate(values):
-            self._last_raw = value
-            if not self.stats.update(value):
-                self._on_nonfinite(value, self.step() - (len(values) - 1 - i))  # the step this loss belongs to
-        self._check()
+        last_step = self.step()
+
+        def use(values: List[float]) -> None:  # at the callback's next batched host read (a read step, or an epoch end)
+            for i, value in enumerate(values):
+                self._last_raw = value
+                if not self.stats.update(value):
+                    self._on_nonfinite(value, last_step - (len(values) - 1 - i))  # the step this loss belongs to
+            self._check()
+
+        self.read_on_host(self.reduce(losses, "mean"), use)
 
     # ---- rules ------------------------------------------------------------------------------------
     def _chance_level(self) -> Optional[float]:
