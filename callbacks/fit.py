@@ -46,15 +46,18 @@ def _targets_of(batch: Any) -> Any:
     return None
 
 
-def _metric(metrics: Mapping[str, Any], key: Optional[str]) -> float:
+def _metric(metrics: Mapping[str, Any], key: Optional[str]) -> Any:
+    """The logged value of ``key`` as it is, not read: a tensor (read later with the other figures), a number, or
+    ``None`` when absent or not a number."""
     if key is None or key not in metrics:
-        return NAN
+        return None
     value = metrics[key]
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.numel() and not value.is_complex() else None
     try:
-        value = float(value.detach().float().mean().item()) if isinstance(value, torch.Tensor) else float(value)
+        return float(value)
     except (TypeError, ValueError):
-        return NAN
-    return value
+        return None
 
 
 def _is_instance_named(obj: Any, name: str) -> bool:
@@ -167,8 +170,12 @@ class FitMonitor(Monitor):
             self._accuracy_key = rules.find_validation_accuracy(k for k in metrics if k != self._val_key)
         if self._pending is not None:  # two validations without training in between
             self._close(trainer, at_epoch_end=False)
-        self._pending = (_metric(metrics, self._val_key), _metric(metrics, self._accuracy_key),
-                         self.epoch(), self.step())
+        epoch, step = self.epoch(), self.step()
+
+        def use(values: List[float]) -> None:  # at the callback's read at the end of this validation (one for all)
+            self._pending = (values[0], values[1], epoch, step)
+
+        self.read_scalars_on_host([_metric(metrics, self._val_key), _metric(metrics, self._accuracy_key)], use)
         self._evaluations_this_epoch += 1
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -176,20 +183,27 @@ class FitMonitor(Monitor):
             self._close(trainer, at_epoch_end=True)
         self._evaluations_this_epoch = 0
         metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
-        train, _ = self._logged_train(metrics, at_epoch_end=True)
-        if not _finite(train):
-            train = self._reduce([self._this_epoch.compute()])[0]
+        logged, _ = self._logged_train(metrics, at_epoch_end=True)
+        mine = self._this_epoch.mean_tensor()
         self._this_epoch.reset()
-        self.train_history.update(self.epoch(), self.step(), train=train)
-        if self._has_validation_metric():
-            return
+        epoch, step, keys = self.epoch(), self.step(), list(metrics)
         every = getattr(trainer, "check_val_every_n_epoch", 1)
-        if not self._validation_seen and isinstance(every, int) and self.epoch() + 1 >= every:
-            self._raise(rules.no_validation_metric(list(metrics), self.monitor, False, self.epoch()))
-        if _finite(train):
-            self.log_scalars({"diag/train_loss": train})
-        if self._context.collector.has("no_validation_metric"):
-            self._judge_training_only()
+
+        def use(values: List[float]) -> None:  # at the callback's read at the end of this epoch (one for all)
+            train = values[0]
+            if not _finite(train):
+                train = self._reduce([values[1]])[0]
+            self.train_history.update(epoch, step, train=train)
+            if self._has_validation_metric():
+                return
+            if not self._validation_seen and isinstance(every, int) and epoch + 1 >= every:
+                self._raise(rules.no_validation_metric(keys, self.monitor, False, epoch))
+            if _finite(train):
+                self.log_scalars({"diag/train_loss": train}, step)
+            if self._context.collector.has("no_validation_metric"):
+                self._judge_training_only()
+
+        self.read_scalars_on_host([logged, mine], use)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._pending is not None:
@@ -206,14 +220,15 @@ class FitMonitor(Monitor):
     def _has_validation_metric(self) -> bool:
         return self.history.count > 0
 
-    def _logged_train(self, metrics: Mapping[str, Any], at_epoch_end: bool) -> Tuple[float, str]:
+    def _logged_train(self, metrics: Mapping[str, Any], at_epoch_end: bool) -> Tuple[Any, str]:
+        """The logged training value (see :func:`_metric`: not read yet) and its key."""
         if self.train_monitor is not None:
             return _metric(metrics, self.train_monitor), self.train_monitor
         if at_epoch_end:
             key = rules.find_training_loss_epoch(metrics)
             if key is not None:
                 return _metric(metrics, key), key
-        return NAN, "none"
+        return None, "none"
 
     def _reduce(self, values: List[float]) -> List[float]:
         if self.world_size() <= 1:
@@ -222,25 +237,33 @@ class FitMonitor(Monitor):
         return self.reduce(torch.tensor(values, dtype=torch.float64, device=device), "mean").tolist()
 
     def _close(self, trainer: Any, at_epoch_end: bool) -> None:
-        """Record the pending evaluation with the training loss of the same interval, log and judge."""
+        """Record the pending evaluation with the training loss of the same interval, log and judge: the training
+        figures are read with the callback's next batched host read (at once between steps: an epoch end, a validation
+        end; at the next read step when training went on after a validation)."""
         val, accuracy, epoch, step = self._pending
         self._pending = None
         metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
-        train, source = NAN, "none"
+        logged, source = None, "none"
         if self.train_monitor is not None or (at_epoch_end and self._evaluations_this_epoch == 1):
-            train, source = self._logged_train(metrics, at_epoch_end)
-        own = self._since_evaluation.compute()
+            logged, source = self._logged_train(metrics, at_epoch_end)
+        own = self._since_evaluation.mean_tensor()
         self._since_evaluation.reset()
-        if not _finite(train):
-            train, source = own, "training_step loss"
-        val, train, accuracy = self._reduce([val, train, accuracy])
-        self._train_source = source
-        self._resolve_first_loss()
-        self.history.update(epoch, step, val=val, train=train, accuracy=accuracy)
-        self._log(self.history.last)
-        self._judge()
+        first, classes = self._unresolved()
 
-    def _log(self, record: Evaluation) -> None:
+        def use(values: List[float]) -> None:
+            train, train_source = values[0], source
+            if not _finite(train):
+                train, train_source = values[1], "training_step loss"
+            self._resolve(values[2], values[3])
+            reduced_val, reduced_train, reduced_accuracy = self._reduce([val, train, accuracy])
+            self._train_source = train_source
+            self.history.update(epoch, step, val=reduced_val, train=reduced_train, accuracy=reduced_accuracy)
+            self._log(self.history.last, step)
+            self._judge()
+
+        self.read_scalars_on_host([logged, own, first, classes], use)
+
+    def _log(self, record: Evaluation, step: Optional[int] = None) -> None:
         scalars: Dict[str, float] = {}
         if self.mode == "min":
             if _finite(record.val):
@@ -251,21 +274,36 @@ class FitMonitor(Monitor):
             scalars["diag/generalization_gap"] = record.val - record.train
         if self.history.best is not None:
             scalars["diag/best_val_epoch"] = float(self.history.best.epoch)
-        self.log_scalars(scalars)
+        self.log_scalars(scalars, step)
 
     # ---- judging ----------------------------------------------------------------------------------
     def _comparable(self) -> bool:
         # validation and training values share units: both losses, or a train_monitor named as the counterpart
         return self.train_monitor is not None or self.mode == "min"
 
-    def _resolve_first_loss(self) -> None:
-        if self._first_loss_tensor is not None:
-            self._first_loss = float(self._first_loss_tensor.item())
-            self._first_loss_tensor = None
+    def _unresolved(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The first loss and the largest target seen, still on the device (``None`` when known or absent), taken
+        away to be read with other figures and handed back to :meth:`_resolve`."""
+        first, self._first_loss_tensor = self._first_loss_tensor, None
+        classes = None
         if self._num_classes is None and self._classes.maximum is not None:
-            self._num_classes = self._classes.compute()
+            classes = self._classes.maximum
             self._classes.reset()
             self._classes.batches = CLASS_INFERENCE_BATCHES  # done: never read targets again
+        return first, classes
+
+    def _resolve(self, first: float, largest_target: float) -> None:
+        if _finite(first):
+            self._first_loss = first
+        if self._num_classes is None and _finite(largest_target):
+            classes = int(largest_target) + 1
+            self._num_classes = classes if classes >= 2 else None
+
+    def _resolve_first_loss(self) -> None:
+        """The first loss and the class count, read now (between steps: checkpoints, training-only judging)."""
+        first, classes = self._unresolved()
+        self._resolve(float(first.item()) if first is not None else NAN,
+                      float(classes.item()) if classes is not None else NAN)
 
     def _reference(self) -> Optional[rules.Reference]:
         chance = self._context.get(signals.LOSS_CHANCE_LEVEL)
