@@ -1,13 +1,17 @@
 """The TensorBoard dashboard as a user sees it: a real TensorBoard server, opened in headless Chromium.
 
-A real fit writes the run's event files; ``tensorboard --logdir`` serves them; Chromium loads the Text tab
-(the ``diag/findings`` table must show the run's finding) and the Custom Scalars tab (the lightning-diag layout
-must list its charts). Screenshots go to the test's tmp dir and, when ``DIAG_SCREENSHOT_DIR`` is set, there too.
+A real fit (a learning rate far too high, every monitor and the probe attached) writes the run's event files;
+``tensorboard --logdir`` serves them; Chromium loads the Text tab (one row per finding, worst first, severity,
+code, layer and step on one line that never wraps a name at 1400 px), the Custom Scalars tab (the charts with data,
+and only those) and the Images tab (the probe's sweep). Screenshots go to the test's tmp dir and, when
+``DIAG_SCREENSHOT_DIR`` is set, there too.
 
 Needs the Debian packages ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them); skips, saying so,
 where they are missing. Run as a script to screenshot any log dir::
 
-    python -m tests.test_dashboard LOG_DIR OUT.png [text|custom_scalars [WIDTH,HEIGHT]]  # docs/dashboard.png
+    python -m tests.test_dashboard LOG_DIR OUT.png [text|custom_scalars|images [WIDTH,HEIGHT]]
+
+(``tests/benchmarks/screenshots.py`` regenerates the README's pictures in docs/.)
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ from typing import Callable, Optional
 
 import pytest
 
-from diag.sinks.tensorboard import LAYOUT
+from diag.sinks.tensorboard import OVERVIEW_CHARTS
 
 pytestmark = pytest.mark.browser
 
 WAIT_S = 60  # every wait is bounded: server start, page load, rendered content
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
-CHART_TITLES = [title for charts in LAYOUT.values() for title in charts]
 
 # The text of the page, shadow roots included: TensorBoard's Text and Custom Scalars dashboards are Polymer
 # elements inside the Angular app, and their content lives in shadow DOM that WebDriver's element text skips.
@@ -179,11 +182,13 @@ def save_screenshot(driver, path: Path) -> Path:
 # ---- the test ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_log_dir(tmp_path_factory):
-    """A real one-epoch fit with a monitor that raises a real finding (Adam with coupled weight decay)."""
+    """A real fit with findings of every severity, per-layer curves and probe figures: plain SGD at a learning rate
+    far too high (tests/test_tensorboard_view.py), every monitor attached."""
     _require_browser()
-    from tests.test_cli import fit_run
+    from tests.test_tensorboard_view import too_high_lr_run
 
-    return fit_run(tmp_path_factory.mktemp("dashboard_run"), "adam", weight_decay=1e-2)
+    trainer, _ = too_high_lr_run(tmp_path_factory.mktemp("dashboard_run"))
+    return trainer.log_dir
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +203,7 @@ def tensorboard_url(run_log_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     _require_browser()
-    driver = start_browser(str(tmp_path_factory.mktemp("chromium_profile")))
+    driver = start_browser(str(tmp_path_factory.mktemp("chromium_profile")), "1400,1000")
     try:
         yield driver
     finally:
@@ -210,29 +215,80 @@ def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
-def test_text_tab_shows_the_findings_table(browser, tensorboard_url, shots):
-    text = open_tab(browser, tensorboard_url, "text",
-                    ["diag/findings", "adam_coupled_weight_decay", "severity", "advice", "AdamW"])
-    assert "warning" in text
-    # The markdown table is rendered as an HTML table (not shown as raw "| a | b |" text).
-    cells = browser.execute_script("""
-        function tables(root) {
-          let found = [...root.querySelectorAll('table')];
-          for (const el of root.querySelectorAll('*')) if (el.shadowRoot) found = found.concat(tables(el.shadowRoot));
-          return found;
-        }
-        return tables(document).map(t => t.innerText);""")
-    assert any("adam_coupled_weight_decay" in c and "advice" in c for c in cells), cells
+# Every row of the findings table, shadow roots included: [text of the row, [rects per <code> element]].
+ROWS_JS = """
+function tables(root) {
+  let found = [...root.querySelectorAll('table')];
+  for (const el of root.querySelectorAll('*')) if (el.shadowRoot) found = found.concat(tables(el.shadowRoot));
+  return found;
+}
+const table = tables(document).find(t => t.tHead && t.tHead.innerText.includes('lightning-diag:'));
+if (!table) return null;
+return [...table.tBodies[0].rows].map(tr => [tr.innerText,
+  [...tr.querySelectorAll('code')].map(c => c.getClientRects().length)]);
+"""
+
+
+def read_events(log_dir: str):
+    from tests.test_tensorboard_view import read_events as read
+
+    return read(log_dir)
+
+
+def test_text_tab_shows_one_entry_per_finding_worst_first(browser, tensorboard_url, run_log_dir, shots):
+    from diag.report import load_runs
+
+    (run,) = load_runs(run_log_dir)
+    open_tab(browser, tensorboard_url, "text", ["diag/findings", "lr_too_high", "Advice:", "worst first"])
+    rows = browser.execute_script(ROWS_JS)
+    assert rows and len(rows) == len(run.findings), rows
+    severities = [text.split(" ", 1)[0] for text, _ in rows]
+    rank = {"ERROR": 2, "WARNING": 1, "INFO": 0}
+    assert [rank[s] for s in severities] == sorted((rank[s] for s in severities), reverse=True), severities
+    for text, code_rects in rows:
+        heading, message = text.split("\n")[:2]
+        finding = next(f for f in run.findings if f" {f.code} " in heading and (f.layer is None or f.layer in heading))
+        assert heading.startswith(finding.severity.value.upper()) and finding.code in heading
+        assert f"step {finding.step}" in heading and (finding.layer is None or finding.layer in heading)
+        assert message.strip() == finding.message and "Advice: " + finding.advice in text
+        assert all(n == 1 for n in code_rects), f"a code or layer name wraps at 1400 px: {text[:120]}"
     path = save_screenshot(browser, shots / "dashboard_text.png")
     assert path.stat().st_size > 10_000  # a rendered page, not a blank one
 
 
-def test_custom_scalars_lists_the_diagnostics_charts(browser, tensorboard_url, shots):
-    # The chart titles come with the layout; "diag/grad_norm" is listed under its chart once the run's data loaded:
-    # the monitor's real scalar reached the layout's regular expression.
-    text = open_tab(browser, tensorboard_url, "custom_scalars", ["lightning-diag", *CHART_TITLES, "diag/grad_norm"])
-    assert "Matches (1)" in text
+def test_custom_scalars_shows_the_charts_with_data(browser, tensorboard_url, run_log_dir, shots):
+    from tests.test_tensorboard_view import read_layout
+
+    layout = read_layout(read_events(run_log_dir))  # tests/test_tensorboard_view.py checks it holds only charts with data
+    overview = [title for category, _, charts in layout if category == "lightning-diag" for title, _ in charts]
+    families = [category for category, _, _ in layout[1:]]
+    text = open_tab(browser, tensorboard_url, "custom_scalars", ["lightning-diag", *overview, *families])
+    absent = [title for title, _ in OVERVIEW_CHARTS if title not in overview]
+    assert absent and not [title for title in absent if title in text]  # charts without data are not drawn
     save_screenshot(browser, shots / "dashboard_custom_scalars.png")
+
+
+def test_images_tab_shows_the_probe_figure(browser, tensorboard_url, run_log_dir, shots):
+    images = read_events(run_log_dir).Tags()["images"]
+    assert "diag/lr_probe/1" in images
+    open_tab(browser, tensorboard_url, "images", ["diag/lr_probe/1"])
+
+    def decoded() -> bool:
+        sizes = browser.execute_script(IMAGES_JS)
+        return bool(sizes) and all(width >= 600 for width in sizes)
+
+    _wait(decoded, "the probe figures to load", on_timeout=lambda: str(browser.execute_script(IMAGES_JS)))
+    save_screenshot(browser, shots / "dashboard_images.png")
+
+
+IMAGES_JS = """
+function images(root) {
+  let found = [...root.querySelectorAll('img')];
+  for (const el of root.querySelectorAll('*')) if (el.shadowRoot) found = found.concat(images(el.shadowRoot));
+  return found;
+}
+return images(document).filter(i => i.complete && i.naturalWidth > 0).map(i => i.naturalWidth);
+"""
 
 
 def screenshot(log_dir: str, out: str, plugin: str = "text", window_size: str = "1400,900",
