@@ -17,7 +17,9 @@ none                ``<default_root_dir>/lightning_logs/version_N/diag/``,  the 
 ==================  ======================================================  ==========================================
 
 Scalars go to the first TensorBoard logger under their ``diag/...`` tags and to every other logger through
-``log_metrics`` under flat names (:func:`diag.sinks.metric_name`).
+``log_metrics`` under flat names (:func:`diag.sinks.metric_name`). The learning-rate probe's figures go beside each
+JSONL (``lr_probe_<n>.png``, for ``diag report --html``) and to that TensorBoard logger's Images tab
+(``diag/lr_probe/<n>``).
 """
 
 from __future__ import annotations
