@@ -16,11 +16,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 INSTALL_HINT = 'pip install "lightning-diag[plots]" (or: pip install "matplotlib>=3.7")'
 # TensorBoard image tag of the n-th probe figure of a run (n = 1, 2, ...): ``diag/lr_probe/<n>``; on disk, next to the
@@ -78,6 +79,16 @@ def _new_figure(inches: Tuple[float, float]) -> Any:
     figure = Figure(figsize=inches, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+@contextlib.contextmanager
+def _drawing() -> Iterator[None]:
+    """matplotlib's default style while drawing: the user's rcParams (a dark style, huge fonts) do not leak into our
+    figures, and theirs are put back after (``style.context`` leaves the backend alone)."""
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        yield
 
 
 def _render(figure: Any) -> Image:
@@ -150,6 +161,11 @@ def probe_sweep_image(result: Any, verdict: Any = None, step: Optional[int] = No
     """
     if not result.factors or not matplotlib_available():
         return None
+    with _drawing():
+        return _draw_probe_sweep(result, verdict, step)
+
+
+def _draw_probe_sweep(result: Any, verdict: Any, step: Optional[int]) -> Image:
     from matplotlib.ticker import LogLocator
 
     figure = _new_figure(PROBE_FIGURE_INCHES)
@@ -238,6 +254,12 @@ def loss_curve_image(steps: Sequence[float], values: Sequence[float], markers: S
     """
     if not matplotlib_available():
         return None
+    with _drawing():
+        return _draw_loss_curve(steps, values, markers, title, name, validation)
+
+
+def _draw_loss_curve(steps: Sequence[float], values: Sequence[float], markers: Sequence[Marker], title: str,
+                     name: str, validation: Optional[Tuple[Sequence[float], Sequence[float]]]) -> Optional[Image]:
     points = [(float(s), float(v)) for s, v in zip(steps, values)]
     good = [(s, v) for s, v in points if math.isfinite(v)]
     if not good:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
 
 from diag.findings import Finding, Severity
 from diag.sinks.base import Sink
@@ -130,10 +130,11 @@ class TensorBoardSink(Sink):
         torch_writer = type(writer).__module__.startswith("torch.utils.tensorboard")
         self._summary = _summary_class() if torch_writer and callable(getattr(writer, "_get_file_writer", None)) else None
         self._points: Dict[str, int] = {}  # diag/... tag -> points written, counted up to POINTS_TO_SHOW (O(tags))
+        self._shown: Set[str] = set()  # tags with POINTS_TO_SHOW points: nothing more to count for them
         self._layout: Layout = []
 
     def open(self, findings: Sequence[Finding]) -> None:
-        self._points, self._layout = {}, []
+        self._points, self._shown, self._layout = {}, set(), []
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if self._summary is not None:
@@ -145,18 +146,21 @@ class TensorBoardSink(Sink):
         else:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, float(value), global_step=step)
+        new = scalars.keys() - self._shown  # one set difference in C: empty on most steps once every tag is shown
+        if not new:
+            return
         grown = False
-        points = self._points
-        for tag in scalars:
-            n = points.get(tag, 0)
-            if n < POINTS_TO_SHOW:
-                points[tag] = n + 1
-                grown = grown or n + 1 == POINTS_TO_SHOW
+        for tag in new:
+            n = self._points.get(tag, 0) + 1
+            self._points[tag] = n
+            if n >= POINTS_TO_SHOW:
+                self._shown.add(tag)
+                grown = True
         if grown:
             self._update_layout(step)
 
     def _update_layout(self, step: int) -> None:
-        layout = layout_for(tag for tag, n in self._points.items() if n >= POINTS_TO_SHOW)
+        layout = layout_for(self._shown)
         if layout == self._layout:
             return
         self._layout = layout
