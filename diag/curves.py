@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import math
@@ -190,12 +191,8 @@ def value_at(curve: Optional[Curve], step: int, default: float = math.nan) -> fl
     """The curve's last value at or before ``step`` (``default`` before its first point)."""
     if curve is None:
         return default
-    found = default
-    for s, v in zip(curve.steps, curve.values):
-        if s > step:
-            break
-        found = v
-    return found
+    i = bisect.bisect_right(curve.steps, step)  # steps are sorted: O(log n)
+    return curve.values[i - 1] if i else default
 
 
 def finite(values: Iterable[float]) -> List[float]:
