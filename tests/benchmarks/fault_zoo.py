@@ -53,7 +53,7 @@ warnings.filterwarnings("ignore")
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.demos.lstm import LightningLSTM, SequenceSampler, SimpleLSTM  # noqa: E402
 
-from diag.callbacks import Diagnostics  # noqa: E402
+from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
 from tests.helpers import Classifier, digits_loaders, digits_tensors, loaders_from, mlp  # noqa: E402
 
 VERDICTS = ("suspected_code_bug", "lr_too_high", "lr_too_low")
@@ -489,6 +489,7 @@ class Captured(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+NO_BUDGET = [False]  # --no-budget: the probe's time budget lifted (the verdict logic alone, whatever it costs)
 MIN_STEPS = [0]  # --min-steps: every fit runs at least this many steps (the probe's budget is a share of the fit)
 
 
@@ -525,7 +526,8 @@ class Run:
 
 
 def run_one(scenario: Scenario, seed: int) -> Run:
-    diagnostics = Diagnostics(console=False)
+    diagnostics = Diagnostics(console=False, **({"lr_probe": LearningRateProbe(budget_fraction=None)}
+                                                if NO_BUDGET[0] else {}))
     captured, log = Captured(), logging.getLogger("diag")
     handlers, propagate = log.handlers[:], log.propagate
     log.handlers, log.propagate = [captured], False  # lightning-diag's own lines go with the run's details
@@ -605,6 +607,9 @@ def ground_truth(scenario: Scenario, seed: int, factors=(0.01, 0.1, 1.0, 10.0, 1
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run (default: all)")
+    parser.add_argument("--no-budget", action="store_true",
+                        help="lift the probe's time budget (LearningRateProbe(budget_fraction=None)): judges the verdict "
+                             "logic alone, not the cost policy")
     parser.add_argument("--min-steps", type=int, default=0,
                         help="run every fit at least this many steps: the probe's default time budget is 10%% of the "
                              "fit, which a 300-step fit of these small models cannot afford (1000: it can)")
@@ -616,6 +621,7 @@ def main(argv=None) -> int:
                         help="no Diagnostics: fit at LR factors 0.01..100 and print the losses (the labels' evidence)")
     args = parser.parse_args(argv)
     MIN_STEPS[0] = args.min_steps
+    NO_BUDGET[0] = args.no_budget
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
