@@ -254,14 +254,21 @@ def lstm_loader():
     return DataLoader(TensorDataset(inputs, targets), batch_size=16, drop_last=True)
 
 
+def watched_and_unwatched(tmp_path, make_model, make_loader, steps: int, preflight_step: int):
+    """The same fit without and with Diagnostics (a preflight probe, no budget): (unwatched, watched, diagnostics)."""
+    pl.seed_everything(0)
+    base = make_model()
+    fit(tmp_path / "base", base, make_loader(), None, [], max_steps=steps, logger=False)
+    diagnostics = Diagnostics(lr_probe=LearningRateProbe(preflight_step=preflight_step, budget_fraction=None),
+                              console=False)
+    pl.seed_everything(0)
+    model = make_model()
+    fit(tmp_path / "watched", model, make_loader(), None, [diagnostics], max_steps=steps, logger=False)
+    return base, model, diagnostics
+
+
 def test_stateful_lstm_is_probed_whole_and_training_is_unchanged(tmp_path):
-    pl.seed_everything(0)
-    base = TinyLSTM()
-    fit(tmp_path / "base", base, lstm_loader(), None, [], max_steps=30, logger=False)
-    diagnostics = Diagnostics(lr_probe=LearningRateProbe(preflight_step=10, budget_fraction=None), console=False)
-    pl.seed_everything(0)
-    model = TinyLSTM()
-    fit(tmp_path / "watched", model, lstm_loader(), None, [diagnostics], max_steps=30, logger=False)
+    base, model, diagnostics = watched_and_unwatched(tmp_path, TinyLSTM, lstm_loader, steps=30, preflight_step=10)
     assert "diag_internal_error" not in codes(diagnostics.findings, "info"), describe(diagnostics.findings)
     probe = diagnostics.monitor(LearningRateProbe)
     assert len(probe.results) == 1 and probe.results[0].whole_batch  # half a batch does not fit the hidden state
@@ -343,13 +350,7 @@ class RunningInputMean(pl.LightningModule):
 def test_extra_passes_put_back_state_carried_in_attributes(tmp_path):
     """The gradient noise scale's extra pass (every 25 steps at 8 samples per batch) and the probe call training_step
     again: the attribute it rebinds is put back, so training is bitwise the same as without Diagnostics."""
-    loader = lambda: digits_loaders(batch_size=8, n_train=512)[0]  # noqa: E731
-    pl.seed_everything(0)
-    base = RunningInputMean()
-    fit(tmp_path / "base", base, loader(), None, [], max_steps=120, logger=False)
-    diagnostics = Diagnostics(lr_probe=LearningRateProbe(preflight_step=30, budget_fraction=None), console=False)
-    pl.seed_everything(0)
-    watched = RunningInputMean()
-    fit(tmp_path / "watched", watched, loader(), None, [diagnostics], max_steps=120, logger=False)
+    base, watched, diagnostics = watched_and_unwatched(
+        tmp_path, RunningInputMean, lambda: digits_loaders(batch_size=8, n_train=512)[0], steps=120, preflight_step=30)
     assert diagnostics.monitor(LearningRateProbe).results
     assert state_equal(base, watched) and torch.equal(base.running, watched.running)
