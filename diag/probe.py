@@ -285,6 +285,9 @@ class AttributeBindings:
 
     def __init__(self, module: nn.Module) -> None:
         self.saved = [(m, _plain_attributes(m)) for m in module.modules()]
+        # the registries too: a reset_parameters() that assigns new nn.Parameter objects (instead of filling the old
+        # ones in place) must not leave the module training tensors its optimizer does not hold
+        self.registries = [(m, {name: dict(getattr(m, name)) for name in _MODULE_DICTS}) for m in module.modules()]
 
     def restore(self) -> None:
         for m, saved in self.saved:
@@ -294,6 +297,12 @@ class AttributeBindings:
             for name, value in saved.items():
                 if now.get(name, _MISSING) is not value:
                     now[name] = value
+        for m, registries in self.registries:
+            for name, saved_items in registries.items():
+                current = getattr(m, name)
+                if current.keys() != saved_items.keys() or any(current[k] is not v for k, v in saved_items.items()):
+                    current.clear()
+                    current.update(saved_items)
 
 
 class RestorePoint:
@@ -536,7 +545,14 @@ def reinitialize(module: nn.Module, seed: int = PROBE_SEED) -> List[str]:
         for name, m in module.named_modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):
+                before = dict(m._parameters)
                 reset()
+                for key, old in before.items():  # a reset that assigned new Parameter objects: back into the old ones,
+                    new = m._parameters.get(key)  # which the optimizer holds
+                    if old is not None and new is not old:
+                        if new is not None and new.shape == old.shape:
+                            old.copy_(new)
+                        m._parameters[key] = old
             elif any(True for _ in m.parameters(recurse=False)):
                 kept.append(name or type(m).__name__)
     # a submodule reset after its parent may have been covered by the parent's reset already: harmless

@@ -354,3 +354,27 @@ def test_extra_passes_put_back_state_carried_in_attributes(tmp_path):
         tmp_path, RunningInputMean, lambda: digits_loaders(batch_size=8, n_train=512)[0], steps=120, preflight_step=30)
     assert diagnostics.monitor(LearningRateProbe).results
     assert state_equal(base, watched) and torch.equal(base.running, watched.running)
+
+
+def test_fresh_init_that_replaces_parameters_is_undone():
+    """A reset_parameters() that assigns new nn.Parameter objects: after the probe the module holds its own again."""
+    class Rebinding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(10, 4))
+
+        def reset_parameters(self):
+            self.weight = nn.Parameter(torch.zeros(10, 4))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    model = Rebinding()
+    weight = model.weight
+    before = weight.detach().clone()
+    point = RestorePoint(model)
+    reinitialize(model)
+    assert model.weight is weight and torch.equal(weight, torch.zeros(10, 4))  # refilled in place: the optimizer's
+    model.weight = nn.Parameter(torch.ones(10, 4))  # a step that rebinds anyway is undone by the restore point
+    point.restore()
+    assert model.weight is weight and torch.equal(weight, before)
