@@ -36,7 +36,7 @@ class BatchedRead:
     def submit(self, values: torch.Tensor, use: Use) -> None:
         """Queue ``values`` (any shape; read flattened, as Python floats); ``use(list_of_floats)`` runs at the read.
         No kernel and no host sync here."""
-        self._pending.append((values.detach(), use))
+        self._pending.append((values.detach() if values.requires_grad else values, use))
 
     def submit_scalars(self, values: Sequence[Union[torch.Tensor, float, int, None]], use: Use) -> None:
         """Queue a list of scalars, some of them tensors (each read as its mean), some Python numbers or ``None``
@@ -63,8 +63,9 @@ class BatchedRead:
             return 0
         pending, self._pending = self._pending, []
         device = pending[0][0].device
-        flat = torch.cat([v.reshape(-1).to(dtype=torch.float64) if v.device == device
-                          else v.reshape(-1).to(device=device, dtype=torch.float64) for v, _ in pending])
+        parts = [v if v.dim() == 1 and v.device == device else v.reshape(-1).to(device) for v, _ in pending]
+        # (torch.cat promotes to the widest dtype: float32 figures are read as the float32 values they are)
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
         values = flat.tolist()  # the one host read
         error: Optional[BaseException] = None
         start = 0
