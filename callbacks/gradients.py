@@ -379,17 +379,27 @@ class GradientMonitor(Monitor):
             with_grad = [i for i in trainable if g.params[i].grad is not None]
             if not with_grad:  # training_step returned None: no backward, and the optimizer step changes nothing
                 sampled = noise = False
-        update = state.tracker.observe(start_pair=sampled) if self.track_updates else None
+        grads: List[torch.Tensor] = []
+        pieces: List[torch.Tensor] = []
+        weight_sq = None
+        if sampled or noise:
+            grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
+            # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio,
+            # and the weights' norms of a new update pair when every parameter has a gradient)
+            pieces.append(squared_norms(grads + [g.params[i].detach() for i in with_grad]))
+            if len(with_grad) == len(g.params):
+                weight_sq = pieces[0][len(with_grad):]
+        update = state.tracker.observe(start_pair=sampled, step=step, weight_sq=weight_sq) if self.track_updates else None
         n_layers = len(g.layers)
         update_keys = list(update.keys()) if update is not None else []
+        # an update's figures are logged at the step its pair started (one TensorBoard event per gradient sample)
+        update_step = state.tracker.update_step if update is not None and state.tracker.update_step is not None \
+            else step
         if not sampled and not noise:
             if update is not None:  # the second or third step of an update pair
                 self.read_on_host(torch.cat(list(update.values())),
-                                  lambda values: self._use_update(state, update_keys, values, n_layers, step))
+                                  lambda values: self._use_update(state, update_keys, values, n_layers, update_step))
             return
-        grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
-        # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio)
-        pieces = [squared_norms(grads + [g.params[i].detach() for i in with_grad])]
         device = grads[0].device
         clip_val = getattr(trainer, "gradient_clip_val", None)
         algorithm = str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower()
@@ -407,12 +417,13 @@ class GradientMonitor(Monitor):
         layout = (len(with_grad), value_clip, update_keys, n_layers, small[1:] if small is not None else None)
 
         def use(values: List[float]) -> None:
-            self._use_measurement(state, step, sampled, trainable, with_grad, clip_val, layout, values)
+            self._use_measurement(state, step, sampled, trainable, with_grad, clip_val, layout, values, update_step)
 
         self.read_on_host(torch.cat(pieces), use)
 
     def _use_measurement(self, state: _OptimizerState, step: int, sampled: bool, trainable: List[int],
-                         with_grad: List[int], clip_val: Any, layout: Tuple[Any, ...], values: List[float]) -> None:
+                         with_grad: List[int], clip_val: Any, layout: Tuple[Any, ...], values: List[float],
+                         update_step: int) -> None:
         """The numbers of one :meth:`_measure`, read from the device: statistics, scalars (at ``step``) and the rules."""
         g = state.grouping
         n, value_clip, update_keys, n_layers, noise_layout = layout
@@ -429,7 +440,7 @@ class GradientMonitor(Monitor):
                     self._noise.update(small_sq, total_sq, b_small, b_big)
                     self._noise_window.append((small_sq, total_sq, b_small, b_big))
         if update_keys:
-            self._use_update(state, update_keys, update_values, n_layers, step)
+            self._use_update(state, update_keys, update_values, n_layers, update_step)
         if not sampled:
             return
         state.samples += 1

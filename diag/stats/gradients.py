@@ -164,6 +164,8 @@ class UpdateTracker:
         self._snapshot: Optional[List[torch.Tensor]] = None
         self._snapshot_sq: Optional[torch.Tensor] = None  # ‖θ_t‖² per param
         self._previous_delta: Optional[List[torch.Tensor]] = None
+        self._pair_step: Optional[int] = None  # the step the pending pair started at
+        self.update_step: Optional[int] = None  # the step of the pair the last returned update belongs to
 
     @property
     def pending(self) -> bool:
@@ -172,18 +174,24 @@ class UpdateTracker:
     def release(self) -> None:
         self._snapshot = self._snapshot_sq = self._previous_delta = None
 
-    def observe(self, start_pair: bool) -> Optional[Dict[str, torch.Tensor]]:
+    def observe(self, start_pair: bool, step: Optional[int] = None,
+                weight_sq: Optional[torch.Tensor] = None) -> Optional[Dict[str, torch.Tensor]]:
         """Finish a pending update (if any) and snapshot when a pair starts or continues.
 
         Returns per-layer tensors ``update_sq`` and ``weight_sq`` (and ``dot`` / ``previous_update_sq`` when the
-        update was the second of a pair), still on the device: the caller syncs once.
+        update was the second of a pair), still on the device: the caller syncs once. :attr:`update_step` is then the
+        ``step`` the pair started at. ``weight_sq``: the parameters' squared norms when the caller has them already
+        (one per parameter, as :func:`squared_norms` gives them), for the snapshot of a new pair.
         """
         with torch.no_grad():  # no autograd bookkeeping for the copies and differences
-            return self._observe(self.grouping.params, start_pair)
+            return self._observe(self.grouping.params, start_pair, step, weight_sq)
 
-    def _observe(self, params: List[torch.Tensor], start_pair: bool) -> Optional[Dict[str, torch.Tensor]]:
+    def _observe(self, params: List[torch.Tensor], start_pair: bool, step: Optional[int] = None,
+                 weight_sq: Optional[torch.Tensor] = None) -> Optional[Dict[str, torch.Tensor]]:
         out: Optional[Dict[str, torch.Tensor]] = None
         continue_pair = False
+        next_sq: Optional[torch.Tensor] = None
+        self.update_step = self._pair_step
         if self._snapshot is not None:
             delta = self._snapshot
             # −Δθ = θ_before − θ_now, in place in the snapshot buffer (one kernel; the sign is the same for both
@@ -200,12 +208,21 @@ class UpdateTracker:
                 self._previous_delta = None
                 self._snapshot = self._snapshot_sq = None
             else:
-                per_layer = g.layer_sum_rows(torch.stack([squared_norms(delta), self._snapshot_sq]))
+                # |Δθ_t|² and |θ_{t+1}|² (the pair's second snapshot) in one batched norm
+                n = len(params)
+                sq = squared_norms(list(delta) + list(params))
+                next_sq = sq[n:]
+                per_layer = g.layer_sum_rows(torch.stack([sq[:n], self._snapshot_sq]))
                 out = {"update_sq": per_layer[0], "weight_sq": per_layer[1]}
                 self._previous_delta = delta
                 self._snapshot = self._snapshot_sq = None
                 continue_pair = True
         if start_pair or continue_pair:
+            if not continue_pair:
+                self._pair_step = step
             self._snapshot = list(torch._foreach_mul(params, 1.0))  # a copy of every parameter in one call (x*1 is exact)
-            self._snapshot_sq = squared_norms(params)
+            if continue_pair:
+                self._snapshot_sq = next_sq
+            else:
+                self._snapshot_sq = weight_sq if weight_sq is not None else squared_norms(params)
         return out
