@@ -101,6 +101,7 @@ class ActivationMonitor(Monitor):
         self._schedule = Schedule(self.interval, self.max_backoff, offset=self.warmup)
         self._layers: Dict[str, _Layer] = {}
         self._plan: List[Tuple[nn.Module, str, str, str]] = []  # (module, name, role, type name)
+        self._hooks: List[Tuple[nn.Module, bool, Any]] = []  # (module, pre-hook?, hook function), built with the plan
         self._handles: List[Any] = []
         self._sampled_in_window = 0
         self._windows = 0
@@ -118,7 +119,7 @@ class ActivationMonitor(Monitor):
 
     # ---- which modules ------------------------------------------------------------------------------
     def _build_plan(self, pl_module: nn.Module) -> None:
-        self._plan = []
+        self._plan, self._hooks = [], []
         for name, module in pl_module.named_modules():
             if isinstance(module, _WEIGHT_LAYERS):
                 role, type_name = "weight", type(module).__name__
@@ -194,15 +195,17 @@ class ActivationMonitor(Monitor):
 
     def _register(self) -> None:
         self._remove()
-        for module, name, role, type_name in self._plan:
-            if role == "weight":
-                dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
-                self._handles.append(module.register_forward_pre_hook(self._weight_hook(name, type_name, dim)))
-            elif role in ("activation", "order"):
-                self._handles.append(module.register_forward_hook(
-                    self._activation_hook(name, type_name, role == "activation")))
-            else:
-                self._handles.append(module.register_forward_hook(self._norm_hook))
+        if not self._hooks:  # the hook functions, made once per plan
+            for module, name, role, type_name in self._plan:
+                if role == "weight":
+                    dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+                    self._hooks.append((module, True, self._weight_hook(name, type_name, dim)))
+                elif role in ("activation", "order"):
+                    self._hooks.append((module, False, self._activation_hook(name, type_name, role == "activation")))
+                else:
+                    self._hooks.append((module, False, self._norm_hook))
+        for module, pre, hook in self._hooks:
+            self._handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
         self._weights_seen, self._act_since_weight, self._norm_since_weight = 0, None, False
         self._last_feature_dim = -1
         self._measuring = True
