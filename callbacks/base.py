@@ -386,7 +386,9 @@ class Monitor(*CALLBACK_BASES):  # type: ignore[misc]
                 self._findings_file = next((s.path for s in sinks if isinstance(s, JsonlSink) and s.path
                                             and not s._failed), None)
             elif when == "after" and hook == "on_train_batch_end":
-                step = self.step()
+                step = self.__dict__.pop("_step_at_batch_end", None)  # (Diagnostics read it for its hook already)
+                if step is None:
+                    step = self.step()
                 self._read_at_step_end(step)
                 collector.flush(step)
                 self._after_batch(step)

@@ -146,16 +146,21 @@ class Diagnostics(Monitor):
         current = self._hooked.get(hook)
         if current is None:
             return False
-        receivers = {fn.__self__ for fn in current}
-        if (monitor in receivers) == on:
+        present = [i for i, fn in enumerate(current) if fn.__self__ is monitor]
+        if bool(present) == on:
             return False
+        # a new list in monitor order (a loop running over the old one keeps it)
         if on:
-            receivers.add(monitor)
+            rank = self.monitors.index
+            at = rank(monitor)
+            i = 0
+            while i < len(current) and rank(current[i].__self__) < at:
+                i += 1
+            self._hooked[hook] = current[:i] + [getattr(monitor, hook)] + current[i:]
         else:
-            receivers.discard(monitor)
-        # a new list in monitor order: a loop running over the old one keeps it
-        self._hooked[hook] = [getattr(m, hook) for m in self.monitors if m in receivers]
-        self._shadow(hook)
+            self._hooked[hook] = current[:present[0]] + current[present[0] + 1:]
+        if len(current) <= 1:  # the hook went from no receiver to one, or back: show or hide it to Lightning
+            self._shadow(hook)
         return True
 
     def _sleep(self, monitor: Monitor, hooks: Iterable[str], until_step: int) -> None:
@@ -202,14 +207,16 @@ class Diagnostics(Monitor):
         after the measuring monitors and before the learning-rate probe, so that the probe acts on this step's
         requests, as it did when each monitor read its own numbers."""
         methods = self._hooked["on_train_batch_end"]
-        read = False
-        for method in methods:
-            if not read and isinstance(method.__self__, LearningRateProbe):
-                self._read_at_step_end(int(trainer.global_step))
-                read = True
-            method(trainer, pl_module, outputs, batch, batch_idx)
-        if not read:
-            self._read_at_step_end(int(trainer.global_step))
+        step = self._step_at_batch_end = int(trainer.global_step)  # (the root's duties after this hook use it too)
+        if methods and isinstance(getattr(methods[-1], "__self__", None), LearningRateProbe):  # the probe comes last
+            for method in methods[:-1]:
+                method(trainer, pl_module, outputs, batch, batch_idx)
+            self._read_at_step_end(step)
+            methods[-1](trainer, pl_module, outputs, batch, batch_idx)
+        else:
+            for method in methods:
+                method(trainer, pl_module, outputs, batch, batch_idx)
+            self._read_at_step_end(step)
         if self._hooked["on_train_batch_end"] is not methods:  # a request woke the probe (see _make_forwarder)
             called = set(methods)
             for method in self._hooked["on_train_batch_end"]:
