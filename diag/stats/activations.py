@@ -80,7 +80,6 @@ class FeatureMoments:
     """
 
     _VECTORS = ("sum", "sum_sq", "low", "high", "saturated")
-    FOLD_EVERY = 8  # reduced batches kept before they are combined (they are combined whenever the state is read)
 
     def __init__(self, saturation: Optional[Tuple[float, float]] = None, unit_share: float = 0.5) -> None:
         self.saturation = saturation
@@ -90,30 +89,15 @@ class FeatureMoments:
 
     def reset(self) -> None:
         self.count = 0.0
-        self._state: Dict[str, Optional[torch.Tensor]] = dict.fromkeys(self._VECTORS)
-        self._batches: List[BatchMoments] = []  # added, not yet combined into the state (see FOLD_EVERY)
-
-    # the state vectors: the added batches are combined into them when they are read (a few kernels per window
-    # instead of four in-place updates per batch)
-    sum = property(lambda self: self._vector("sum"), lambda self, v: self._set("sum", v))
-    sum_sq = property(lambda self: self._vector("sum_sq"), lambda self, v: self._set("sum_sq", v))
-    low = property(lambda self: self._vector("low"), lambda self, v: self._set("low", v))
-    high = property(lambda self: self._vector("high"), lambda self, v: self._set("high", v))
-    saturated = property(lambda self: self._vector("saturated"), lambda self, v: self._set("saturated", v))
-
-    def _vector(self, name: str) -> Optional[torch.Tensor]:
-        if self._batches:
-            self._fold()
-        return self._state[name]
-
-    def _set(self, name: str, value: Optional[torch.Tensor]) -> None:
-        if self._batches:
-            self._fold()
-        self._state[name] = value
+        self.sum: Optional[torch.Tensor] = None
+        self.sum_sq: Optional[torch.Tensor] = None
+        self.low: Optional[torch.Tensor] = None
+        self.high: Optional[torch.Tensor] = None
+        self.saturated: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> bool:
-        return self._state["sum"] is None and not self._batches
+        return self.sum is None
 
     @staticmethod
     def reduce(x: torch.Tensor, feature_dim: int = -1,
@@ -145,39 +129,29 @@ class FeatureMoments:
         return batch is not None and self.add(batch)
 
     def add(self, batch: BatchMoments) -> bool:
-        """Add a reduced batch (possibly shared with another layer that saw the same tensor: never changed in place).
-        No kernel: the batches are combined when the state is read, or every ``FOLD_EVERY`` batches."""
+        """Add a reduced batch (possibly shared with another layer that saw the same tensor)."""
         if self.features is not None and batch.features != self.features:
             return False  # a shared module applied to tensors of another width: keep the first
         self.features = batch.features
+        if self.sum is None or self.sum.device != batch.sum.device or self.sum.dtype != batch.sum.dtype:
+            if self.sum is not None:  # restored from a checkpoint on the CPU, or a dtype change: merge once
+                self._move(batch.sum.device, batch.sum.dtype)
+            else:
+                self.count = float(batch.n)
+                self.sum, self.sum_sq = batch.sum.clone(), batch.sum_sq.clone()
+                self.low, self.high = batch.low.clone(), batch.high.clone()
+                self.saturated = batch.saturated.clone() if batch.saturated is not None and self.saturation else None
+                if self.saturation is not None and self.saturated is None:
+                    self.saturated = torch.zeros_like(self.sum)
+                return True
         self.count += batch.n
-        self._batches.append(batch)
-        if len(self._batches) >= self.FOLD_EVERY:
-            self._fold()
+        self.sum.add_(batch.sum)
+        self.sum_sq.add_(batch.sum_sq)
+        torch.minimum(self.low, batch.low, out=self.low)
+        torch.maximum(self.high, batch.high, out=self.high)
+        if self.saturated is not None and batch.saturated is not None:
+            self.saturated.add_(batch.saturated)
         return True
-
-    def _fold(self) -> None:
-        """Combine the added batches with the state: one stack and one reduction per vector, on the device and in the
-        precision of the last batch (a state restored from a checkpoint on the CPU moves there once)."""
-        batches, self._batches = self._batches, []
-        last = batches[-1].sum
-        device, dtype = last.device, last.dtype
-        state = self._state
-
-        def parts(name: str, stored: Optional[torch.Tensor]) -> List[torch.Tensor]:
-            items = [getattr(b, name) for b in batches]
-            if name == "saturated":
-                items = [t if t is not None else torch.zeros_like(b.sum) for t, b in zip(items, batches)]
-            if stored is not None:
-                items.insert(0, stored)
-            return [t if t.device == device and t.dtype == dtype else t.to(device=device, dtype=dtype) for t in items]
-
-        for name, combine in (("sum", torch.sum), ("sum_sq", torch.sum), ("low", torch.amin), ("high", torch.amax)):
-            items = parts(name, state[name])
-            state[name] = items[0] if len(items) == 1 else combine(torch.stack(items), dim=0)
-        if self.saturation is not None:
-            items = parts("saturated", state["saturated"])
-            state["saturated"] = items[0] if len(items) == 1 else torch.stack(items).sum(0)
 
     def _move(self, device: torch.device, dtype: torch.dtype) -> None:
         for name in self._VECTORS:
