@@ -234,7 +234,7 @@ class LearningRateProbe(Monitor):
         if self._allowed(trainer, pl_module, reasons):
             verdict, result, snapshot_step = self._probe(trainer, pl_module, batch, batch_idx, reasons)
         # Every rank gets here at the same step (requests come from statistics reduced across ranks): one reduction.
-        verdict = self._agree(verdict, pl_module)
+        verdict = self._agree(verdict, pl_module, reasons)
         collapse = self._collapse(trainer, reasons, verdict, snapshot_step)  # the loss curve alone tells a collapse
         self._conclude(collapse or verdict, result, reasons)
 
@@ -242,7 +242,7 @@ class LearningRateProbe(Monitor):
     _VOTES = ("none", "lr_ok", "lr_too_high", "lr_too_low", "suspected_code_bug", "dead_units", "saturated_activations",
               "bad_initialization", "probe_skipped")
 
-    def _agree(self, verdict: Optional[Verdict], pl_module: Any) -> Optional[Verdict]:
+    def _agree(self, verdict: Optional[Verdict], pl_module: Any, reasons: Sequence[str] = ()) -> Optional[Verdict]:
         """Under DDP each rank probed its own batch on its own copy of the state: keep the verdict only when every rank
         reached the same one (one reduction of vote counts); rank zero's message and figures are the ones reported."""
         world = self.world_size()
@@ -259,7 +259,7 @@ class LearningRateProbe(Monitor):
         if code != "none":
             self._note_skip("the processes' probes, each on its own batch, did not all reach the same verdict ("
                             + ", ".join(f"{c}: {int(round(float(n)))}" for c, n in zip(self._VOTES, counts) if n > 0)
-                            + ")", ())
+                            + ")", reasons)
         return None
 
     def _conclude(self, verdict: Optional[Verdict], result: Optional[ProbeResult], reasons: Sequence[str]) -> None:
