@@ -78,6 +78,10 @@ SNAPSHOT_MAX_PARAMETERS = 50_000_000
 # MIN_SHRUNK_SAMPLES: 16 fitted, 16 held out). Measured: a 2-layer token Transformer's sweep on 32 samples is ~180
 # training steps' worth; on 16, about 100.
 SHRINK_OVER_BUDGET = 2.0
+# A probe step (forward, backward and optimizer step on the probe's half batch, no Lightning around it) costs at least
+# this share of a training step: a sweep whose cheapest cost exceeds the budget is not even timed. Measured: 0.2-0.3 on
+# small MLPs (Lightning's per-step overhead dominates their training steps), 0.5-1 on compute-bound Transformers.
+PROBE_STEP_FLOOR = 0.15
 # The first figure of the sweep is expected to cost this much (matplotlib's import and first draw: 1.3-1.9 s measured).
 FIRST_FIGURE_SECONDS = 1.5
 MIN_SHRUNK_SAMPLES = 32
@@ -355,6 +359,15 @@ class LearningRateProbe(Monitor):
         projected = elapsed / done * total if total is not None and total >= done else elapsed
         return self.budget_fraction * max(projected, elapsed) - self._probe_seconds
 
+    def _training_step_seconds(self, trainer: Any) -> float:
+        """The fit's time per optimizer step so far, probes excluded (0 before the first step)."""
+        if self._fit_started is None:
+            return 0.0
+        done = int(trainer.global_step) - self._fit_start_step
+        if done <= 0:
+            return 0.0
+        return max(time.perf_counter() - self._fit_started - self._probe_seconds, 0.0) / done
+
     def _total_steps(self, trainer: Any) -> Optional[float]:
         try:
             total = float(trainer.estimated_stepping_batches)
@@ -482,6 +495,16 @@ class LearningRateProbe(Monitor):
         """One sweep. A sweep that would exceed the budget by at most SHRINK_OVER_BUDGET is tried once more on half the
         samples (a compute-bound model's steps then cost about half); ``samples`` fixes the count (the control sweeps
         use the first sweep's)."""
+        left = self._budget_left(trainer)
+        floor = (len(self.factors) + 1) * self.steps * PROBE_STEP_FLOOR * self._training_step_seconds(trainer)
+        if left is not None and left < floor:
+            # not even worth timing: the cheapest sweep this fit's steps allow would not fit the budget
+            if not quiet:
+                self._note_skip(f"a sweep takes at least {floor:.2f}s here ({PROBE_STEP_FLOOR:g} of a training step per "
+                                f"probe step), more than the {max(left, 0.0):.2f}s its budget allows "
+                                f"({self.budget_fraction:g} of this fit's projected time); a longer fit, or "
+                                "LearningRateProbe(budget_fraction=...), lets it run", reasons)
+            return None
         started = time.perf_counter()
         self._context.publish(signals.PROBE_RUNNING, True)
         samples = samples or self.batch_samples
