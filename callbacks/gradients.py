@@ -21,7 +21,8 @@ import torch
 from diag import signals
 from diag.batch import dataclass_fields, is_dataclass_batch
 from diag.detectors import gradients as rules
-from diag.stats.gradients import EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms
+from diag.stats.gradients import (EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms,
+                                  stacked_norms, update_figures)
 from diag.probe import AttributeBindings
 from diag.stats.noise_scale import GradientNoiseScale
 
@@ -381,24 +382,22 @@ class GradientMonitor(Monitor):
                 sampled = noise = False
         grads: List[torch.Tensor] = []
         pieces: List[torch.Tensor] = []
-        weight_sq = None
+        weight_norms = None
         if sampled or noise:
             grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
             # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio,
-            # and the weights' norms of a new update pair when every parameter has a gradient)
-            pieces.append(squared_norms(grads + [g.params[i].detach() for i in with_grad]))
+            # and the weights' norms of a new update pair when every parameter has a gradient); squared on the host
+            pieces.append(stacked_norms(grads + [g.params[i].detach() for i in with_grad]))
             if len(with_grad) == len(g.params):
-                weight_sq = pieces[0][len(with_grad):]
-        update = state.tracker.observe(start_pair=sampled, step=step, weight_sq=weight_sq) if self.track_updates else None
-        n_layers = len(g.layers)
-        update_keys = list(update.keys()) if update is not None else []
+                weight_norms = pieces[0][len(with_grad):]
+        update = state.tracker.observe_norms(sampled, step, weight_norms) if self.track_updates else None
         # an update's figures are logged at the step its pair started (one TensorBoard event per gradient sample)
         update_step = state.tracker.update_step if update is not None and state.tracker.update_step is not None \
             else step
+        update_kind = update[0] if update is not None else None
         if not sampled and not noise:
             if update is not None:  # the second or third step of an update pair
-                self.read_on_host(torch.cat(list(update.values())),
-                                  lambda values: self._use_update(state, update_keys, values, n_layers, update_step))
+                self.read_on_host(update[1], lambda values: self._use_update(state, update_kind, values, update_step))
             return
         device = grads[0].device
         clip_val = getattr(trainer, "gradient_clip_val", None)
@@ -407,14 +406,16 @@ class GradientMonitor(Monitor):
         if value_clip:
             norms = torch._foreach_norm(grads, float("inf"))
             pieces.append(torch.stack([n if n.device == device else n.to(device) for n in norms]).amax()[None].float())
+        n_update = 0
         if update is not None:
-            pieces.extend(u if u.device == device else u.to(device) for u in update.values())
+            pieces.append(update[1] if update[1].device == device else update[1].to(device))
+            n_update = update[1].numel()
         small = self._noise_small(trainer, pl_module, g, with_grad) if noise else None
         if small is not None:
             pieces.append(small[0])
         if sampled:
             self._sampled_step = step
-        layout = (len(with_grad), value_clip, update_keys, n_layers, small[1:] if small is not None else None)
+        layout = (len(with_grad), value_clip, update_kind, n_update, small[1:] if small is not None else None)
 
         def use(values: List[float]) -> None:
             self._use_measurement(state, step, sampled, trainable, with_grad, clip_val, layout, values, update_step)
@@ -426,12 +427,13 @@ class GradientMonitor(Monitor):
                          update_step: int) -> None:
         """The numbers of one :meth:`_measure`, read from the device: statistics, scalars (at ``step``) and the rules."""
         g = state.grouping
-        n, value_clip, update_keys, n_layers, noise_layout = layout
-        param_sq, weight_total_sq, rest = values[:n], sum(values[n:2 * n]), values[2 * n:]
+        n, value_clip, update_kind, n_update, noise_layout = layout
+        param_sq = [v * v for v in values[:n]]
+        weight_total_sq, rest = sum(v * v for v in values[n:2 * n]), values[2 * n:]
         max_abs = None
         if value_clip:
             max_abs, rest = rest[0], rest[1:]
-        update_values, small_values = rest[:len(update_keys) * n_layers], rest[len(update_keys) * n_layers:]
+        update_values, small_values = rest[:n_update], rest[n_update:]
         total_sq = sum(param_sq)
         if noise_layout is not None and math.isfinite(total_sq):
             b_smalls, b_big = noise_layout
@@ -439,8 +441,8 @@ class GradientMonitor(Monitor):
                 if math.isfinite(small_sq) and b_small < b_big:
                     self._noise.update(small_sq, total_sq, b_small, b_big)
                     self._noise_window.append((small_sq, total_sq, b_small, b_big))
-        if update_keys:
-            self._use_update(state, update_keys, update_values, n_layers, update_step)
+        if update_kind is not None:
+            self._use_update(state, update_kind, update_values, update_step)
         if not sampled:
             return
         state.samples += 1
@@ -587,10 +589,10 @@ class GradientMonitor(Monitor):
             np.random.set_state(np_rng)
             random.setstate(py_rng)
 
-    def _use_update(self, state: _OptimizerState, keys: Any, values: List[float], n_layers: int, step: int) -> None:
-        keys = list(keys)
-        parts = {k: values[i * n_layers:(i + 1) * n_layers] for i, k in enumerate(keys)}
+    def _use_update(self, state: _OptimizerState, second: bool, norms: List[float], step: int) -> None:
+        """The figures of one update (see :meth:`UpdateTracker.observe_norms`): ratios, cosine, scalars at ``step``."""
         layers = state.grouping.layers
+        parts = update_figures(second, norms, state.grouping.layer_index, len(layers))
         update_sq, weight_sq = parts["update_sq"], parts["weight_sq"]
         scalars: Dict[str, float] = {}
         log_ratios = []

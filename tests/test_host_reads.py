@@ -152,3 +152,49 @@ def test_a_monitor_used_alone_reads_at_the_same_steps(tmp_path):
     assert mine and all(_is_read_step(s) and n == 1 for s, n in mine.items()), mine
     state = next(iter(monitor._states.values()))
     assert state.samples >= 25 and monitor._noise.count >= 5  # (every 3 steps, backing off after 30; noise 4x rarer)
+
+
+def test_update_figures_from_host_side_norms_match_brute_force():
+    """The gradient monitor reads per-parameter norms and sums them into layers on the host (fewer kernels): the
+    figures equal those of the device path (UpdateTracker.observe) and a brute-force computation."""
+    from diag.stats.gradients import LayerGrouping, UpdateTracker, update_figures
+
+    torch.manual_seed(0)
+    net = mlp([5, 4, 3])
+    steps = [lambda p: p.add_(0.1 * torch.randn_like(p)), lambda p: p.sub_(0.05 * torch.randn_like(p))]
+    figures, start = {}, [p.detach().clone() for p in net.parameters()]
+    for path in ("device", "host"):
+        torch.manual_seed(1)  # the same two moves from the same start on both paths
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), start):
+                p.copy_(q)
+        grouping = LayerGrouping(net.named_parameters())
+        tracker = UpdateTracker(grouping)
+        observe = tracker.observe if path == "device" else tracker.observe_norms
+        thetas = [[p.detach().clone() for p in net.parameters()]]
+        assert observe(True, 7) is None
+        out = []
+        for move in steps:
+            with torch.no_grad():
+                for p in net.parameters():
+                    move(p)
+            thetas.append([p.detach().clone() for p in net.parameters()])
+            found = observe(False, 8)
+            assert tracker.update_step == 7
+            if path == "device":
+                out.append({k: v.tolist() for k, v in found.items()})
+            else:
+                out.append(update_figures(found[0], found[1].tolist(), grouping.layer_index, len(grouping.layers)))
+        figures[path] = out
+    d0 = [b - a for a, b in zip(thetas[0], thetas[1])]
+    d1 = [b - a for a, b in zip(thetas[1], thetas[2])]
+    by_layer = lambda xs: [float(sum((x * x).sum() for x in xs[:2])), float(sum((x * x).sum() for x in xs[2:]))]
+    dots = [float(sum((a * b).sum() for a, b in zip(d0[:2], d1[:2]))), float(sum((a * b).sum() for a, b in zip(d0[2:], d1[2:])))]
+    for out in figures.values():
+        assert out[0]["update_sq"] == pytest.approx(by_layer(d0), rel=1e-5)
+        assert out[0]["weight_sq"] == pytest.approx(by_layer(thetas[0]), rel=1e-5)
+        assert out[1]["update_sq"] == pytest.approx(by_layer(d1), rel=1e-5)
+        assert out[1]["weight_sq"] == pytest.approx(by_layer(thetas[1]), rel=1e-5)
+        assert out[1]["previous_update_sq"] == pytest.approx(by_layer(d0), rel=1e-5)
+        assert out[1]["dot"] == pytest.approx(dots, rel=1e-4, abs=1e-7)
+    assert figures["host"][1]["dot"] == pytest.approx(figures["device"][1]["dot"], rel=1e-6, abs=1e-9)

@@ -60,16 +60,22 @@ class LayerGrouping:
         return out.index_add_(1, self.index_on(rows.device), rows)
 
 
-def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync)."""
+def stacked_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync): one
+    ``_foreach_norm`` and one stack. Square them on the host, once read."""
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device
     norms = torch._foreach_norm(list(tensors))
     if all(n.device == device for n in norms):
-        stacked = torch.stack(norms).float()
-    else:  # parameters spread over devices (model parallel)
-        stacked = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+        stacked = torch.stack(norms)
+        return stacked if stacked.dtype == torch.float32 else stacked.float()
+    return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])  # (model parallel)
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync)."""
+    stacked = stacked_norms(tensors)
     return stacked * stacked
 
 
@@ -162,7 +168,7 @@ class UpdateTracker:
     def __init__(self, grouping: LayerGrouping) -> None:
         self.grouping = grouping
         self._snapshot: Optional[List[torch.Tensor]] = None
-        self._snapshot_sq: Optional[torch.Tensor] = None  # ‖θ_t‖² per param
+        self._snapshot_norm: Optional[torch.Tensor] = None  # ‖θ_t‖ per param
         self._previous_delta: Optional[List[torch.Tensor]] = None
         self._pair_step: Optional[int] = None  # the step the pending pair started at
         self.update_step: Optional[int] = None  # the step of the pair the last returned update belongs to
@@ -172,57 +178,92 @@ class UpdateTracker:
         return self._snapshot is not None
 
     def release(self) -> None:
-        self._snapshot = self._snapshot_sq = self._previous_delta = None
+        self._snapshot = self._snapshot_norm = self._previous_delta = None
 
-    def observe(self, start_pair: bool, step: Optional[int] = None,
-                weight_sq: Optional[torch.Tensor] = None) -> Optional[Dict[str, torch.Tensor]]:
+    def observe(self, start_pair: bool, step: Optional[int] = None) -> Optional[Dict[str, torch.Tensor]]:
         """Finish a pending update (if any) and snapshot when a pair starts or continues.
 
         Returns per-layer tensors ``update_sq`` and ``weight_sq`` (and ``dot`` / ``previous_update_sq`` when the
-        update was the second of a pair), still on the device: the caller syncs once. :attr:`update_step` is then the
-        ``step`` the pair started at. ``weight_sq``: the parameters' squared norms when the caller has them already
-        (one per parameter, as :func:`squared_norms` gives them), for the snapshot of a new pair.
+        update was the second of a pair), still on the device. (:meth:`observe_norms` gives the same figures per
+        parameter, for the host to sum into layers: fewer kernels.)
+        """
+        found = self.observe_norms(start_pair, step)
+        if found is None:
+            return None
+        second, norms = found
+        n = len(self.grouping.params)
+        sq = norms.double() ** 2
+        if not second:
+            per_layer = self.grouping.layer_sum_rows(sq.reshape(2, n))
+            return {"update_sq": per_layer[0], "weight_sq": per_layer[1]}
+        a, w, both, b = sq.reshape(4, n)
+        per_layer = self.grouping.layer_sum_rows(torch.stack([a, w, (both - a - b) / 2, b]))
+        return {"update_sq": per_layer[0], "weight_sq": per_layer[1], "dot": per_layer[2],
+                "previous_update_sq": per_layer[3]}
+
+    def observe_norms(self, start_pair: bool, step: Optional[int] = None,
+                      weight_norms: Optional[torch.Tensor] = None) -> Optional[Tuple[bool, torch.Tensor]]:
+        """:meth:`observe` with the figures per parameter, as norms (not squared) in one float32 vector on the device:
+        ``(False, [‖Δθ_t‖, ‖θ_t‖])`` for the first update of a pair, ``(True, [‖Δθ_{t+1}‖, ‖θ_{t+1}‖,
+        ‖Δθ_{t+1} + Δθ_t‖, ‖Δθ_t‖])`` for the second (``<a, b> = (‖a + b‖² − ‖a‖² − ‖b‖²) / 2``), each part one
+        entry per parameter; ``None`` when no update finished. Five kernels per call. :attr:`update_step` is then the
+        ``step`` the pair started at. ``weight_norms``: the parameters' norms when the caller has them already (one per
+        parameter, as :func:`stacked_norms` gives them), for the snapshot of a new pair.
         """
         with torch.no_grad():  # no autograd bookkeeping for the copies and differences
-            return self._observe(self.grouping.params, start_pair, step, weight_sq)
+            return self._observe(self.grouping.params, start_pair, step, weight_norms)
 
-    def _observe(self, params: List[torch.Tensor], start_pair: bool, step: Optional[int] = None,
-                 weight_sq: Optional[torch.Tensor] = None) -> Optional[Dict[str, torch.Tensor]]:
-        out: Optional[Dict[str, torch.Tensor]] = None
+    def _observe(self, params: List[torch.Tensor], start_pair: bool, step: Optional[int],
+                 weight_norms: Optional[torch.Tensor]) -> Optional[Tuple[bool, torch.Tensor]]:
+        out: Optional[Tuple[bool, torch.Tensor]] = None
         continue_pair = False
-        next_sq: Optional[torch.Tensor] = None
+        next_norm: Optional[torch.Tensor] = None
         self.update_step = self._pair_step
+        n = len(params)
         if self._snapshot is not None:
             delta = self._snapshot
             # −Δθ = θ_before − θ_now, in place in the snapshot buffer (one kernel; the sign is the same for both
             # updates of a pair, so norms and the cosine are those of Δθ)
             torch._foreach_sub_(delta, params)
-            g = self.grouping
             if self._previous_delta is not None:
-                # |Δθ_t|², |Δθ_{t-1}|² and <Δθ_t, Δθ_{t-1}> in one batched norm
-                sq = norms_and_dots(delta, self._previous_delta)
-                rows = torch.cat([sq[0:1].float(), self._snapshot_sq[None], sq[2:3].float(), sq[1:2].float()])
-                per_layer = g.layer_sum_rows(rows)
-                out = {"update_sq": per_layer[0], "weight_sq": per_layer[1], "dot": per_layer[2],
-                       "previous_update_sq": per_layer[3]}
+                # ‖Δθ_{t+1}‖, ‖Δθ_{t+1} + Δθ_t‖ and ‖Δθ_t‖ in one batched norm
+                previous = self._previous_delta
+                norms = stacked_norms(list(delta) + list(torch._foreach_add(delta, previous)) + list(previous))
+                out = (True, torch.cat([norms[:n], self._snapshot_norm, norms[n:]]))
                 self._previous_delta = None
-                self._snapshot = self._snapshot_sq = None
+                self._snapshot = self._snapshot_norm = None
             else:
-                # |Δθ_t|² and |θ_{t+1}|² (the pair's second snapshot) in one batched norm
-                n = len(params)
-                sq = squared_norms(list(delta) + list(params))
-                next_sq = sq[n:]
-                per_layer = g.layer_sum_rows(torch.stack([sq[:n], self._snapshot_sq]))
-                out = {"update_sq": per_layer[0], "weight_sq": per_layer[1]}
+                # ‖Δθ_t‖ and ‖θ_{t+1}‖ (the pair's second snapshot) in one batched norm
+                norms = stacked_norms(list(delta) + list(params))
+                next_norm = norms[n:]
+                out = (False, torch.cat([norms[:n], self._snapshot_norm]))
                 self._previous_delta = delta
-                self._snapshot = self._snapshot_sq = None
+                self._snapshot = self._snapshot_norm = None
                 continue_pair = True
         if start_pair or continue_pair:
             if not continue_pair:
                 self._pair_step = step
             self._snapshot = list(torch._foreach_mul(params, 1.0))  # a copy of every parameter in one call (x*1 is exact)
             if continue_pair:
-                self._snapshot_sq = next_sq
+                self._snapshot_norm = next_norm
             else:
-                self._snapshot_sq = weight_sq if weight_sq is not None else squared_norms(params)
+                self._snapshot_norm = weight_norms if weight_norms is not None else stacked_norms(params)
         return out
+
+
+def update_figures(second: bool, norms: Sequence[float], layer_index: Sequence[int],
+                   n_layers: int) -> Dict[str, List[float]]:
+    """The per-layer figures of :meth:`UpdateTracker.observe` from the per-parameter norms of
+    :meth:`UpdateTracker.observe_norms`, once read on the host (float64 arithmetic)."""
+    n = len(layer_index)
+    parts = ["update_sq", "weight_sq"] + (["sum_sq", "previous_update_sq"] if second else [])
+    sums = {name: [0.0] * n_layers for name in parts}
+    for k, name in enumerate(parts):
+        column = sums[name]
+        for i in range(n):
+            v = norms[k * n + i]
+            column[layer_index[i]] += v * v
+    if second:
+        a, both, b = sums["update_sq"], sums.pop("sum_sq"), sums["previous_update_sq"]
+        sums["dot"] = [(both[j] - a[j] - b[j]) / 2 for j in range(n_layers)]
+    return sums
