@@ -243,10 +243,11 @@ class _Turns:
 
 
 class _Baton(pl.Callback):
-    """Times this fit's turns (from getting the turn to passing it on at the next batch start), after ``warmup``."""
+    """Times this fit's turns (from getting the turn to passing it on at the next batch start), after ``warmup``, with
+    ``clock`` (wall time, or the thread's CPU time)."""
 
-    def __init__(self, turns: _Turns, index: int, warmup: int, cuda: bool) -> None:
-        self.turns, self.index, self.warmup, self.cuda = turns, index, warmup, cuda
+    def __init__(self, turns: _Turns, index: int, warmup: int, cuda: bool, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.turns, self.index, self.warmup, self.cuda, self.clock = turns, index, warmup, cuda, clock
         self.turn_start: Optional[float] = None
         self.total, self.steps = 0.0, 0
 
@@ -254,7 +255,7 @@ class _Baton(pl.Callback):
         if self.cuda:
             torch.cuda.synchronize()  # this fit's GPU work belongs to its own turn
         if self.turn_start is not None and counted:
-            self.total += time.perf_counter() - self.turn_start
+            self.total += self.clock() - self.turn_start
             self.steps += 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -262,7 +263,7 @@ class _Baton(pl.Callback):
             self._end_turn(trainer.global_step > self.warmup)
             self.turns.pass_on(self.index)
         self.turns.wait(self.index)
-        self.turn_start = time.perf_counter()
+        self.turn_start = self.clock()
 
     def on_train_end(self, trainer, pl_module):
         self._end_turn(True)
@@ -278,7 +279,8 @@ def lockstep_fits(factory, train, val, steps: int, callbacks: List[Optional[pl.C
     """Fits with ``callbacks[i]`` (``None``: no callback) in lockstep; per fit: seconds per step after the warm-up."""
     turns = _Turns(len(callbacks))
     cuda = args.device == "cuda" and torch.cuda.is_available()
-    batons = [_Baton(turns, i, min(args.warmup, steps // 4), cuda) for i in range(len(callbacks))]
+    clock = time.thread_time if getattr(args, "clock", "wall") == "thread" else time.perf_counter
+    batons = [_Baton(turns, i, min(args.warmup, steps // 4), cuda, clock) for i in range(len(callbacks))]
     errors: List[BaseException] = []
 
     def run(i: int) -> None:
@@ -479,6 +481,10 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="lockstep", choices=["lockstep", "alternate"],
                         help="lockstep: both fits at once, one step each in turn (default); alternate: whole fits")
     parser.add_argument("--aa", action="store_true", help="lockstep: also time two fits without any callback (noise)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                        help="lockstep: time each turn by the wall clock (default) or by the CPU time of the fit's own "
+                             "thread (CPU only: steadier when other processes take the cores; misses the TensorBoard "
+                             "writer thread's work)")
     parser.add_argument("--no-reads", dest="reads", action="store_false",
                         help="lockstep: skip the extra fit that counts host reads")
     parser.add_argument("--json", help="write all figures to this file")
@@ -490,7 +496,8 @@ def main(argv=None) -> int:
     for noisy in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, Lightning {pl.__version__}, device {args.device}, precision {args.precision}, "
-          f"threads {torch.get_num_threads()}, repeats {args.repeats}, method {args.method}", flush=True)
+          f"threads {torch.get_num_threads()}, repeats {args.repeats}, method {args.method}"
+          + (f", clock {args.clock}" if args.method == "lockstep" else ""), flush=True)
     lockstep = args.method == "lockstep"
     results = [(bench_lockstep if lockstep else bench)(name, args) for name in args.models]
     print("\nsummary (Diagnostics() at defaults; median over repeats of with/without):")
