@@ -1,12 +1,12 @@
 """``LossCurveMonitor``: watches the training loss Lightning already computed.
 
-Codes: ``nonfinite_loss`` (error), ``loss_diverging``, ``loss_oscillating``, ``loss_plateau``,
-``unexpected_initial_loss`` (warnings). Statistics live in :mod:`diag.stats.loss`, rules in
+Codes: ``nonfinite_loss`` (error), ``suspected_code_bug`` (error: a loss below its floor or falling without bound),
+``loss_diverging``, ``loss_oscillating``, ``loss_plateau``, ``unexpected_initial_loss`` (warnings). Statistics live in :mod:`diag.stats.loss`, rules in
 :mod:`diag.detectors.loss_curve`; this file only decides which hook reads what, and when.
 
 Cost: each step keeps a reference to the detached 0-d loss tensor (no kernel launch, no host sync); every
-``sync_every`` (10) optimizer steps the buffered losses are stacked and read with one ``.tolist()``, and the rules
-run. On GPU this avoids a host-device sync per step (which would stop the CPU from queueing the next step); on CPU a
+``sync_every`` (10) optimizer steps the buffered losses are stacked and handed to the monitors' one batched host read
+(``Monitor.read_on_host``), and the rules run. On GPU this avoids a host-device sync per step (which would stop the CPU from queueing the next step); on CPU a
 per-step ``.item()`` would be just as cheap, and one code path serves both. With gradient accumulation the
 micro-batch losses of one optimizer step are averaged on the device (one small kernel per micro-batch). The only
 other work is on the very first batch (forward hooks that read the output width and check once whether the output

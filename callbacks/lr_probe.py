@@ -19,7 +19,7 @@ from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, Verdict, collapsed_af
                                      judge_control, judge_wrecked, nothing_fits_near_chance, temper_too_low)
 from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
-                        ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state, map_batch,
+                        ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state,
                         optimizer_state_finite, reinitialize, run_probe, weights_finite, zero_inputs)
 
 from .base import Monitor, check_positive_float, check_positive_int
@@ -31,7 +31,7 @@ log = logging.getLogger("diag")
 KNOWN_REASONS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscillating", "loss_stalled", "loss_plateau",
                  "probability_outputs", "update_too_small", "update_too_large")
 # Requests that come from the loss itself misbehaving (as opposed to hints such as a small update-to-weight ratio):
-# the first of them is probed even when earlier probes used up the time budget.
+# when one of them goes unprobed (budget, manual optimization, ...), the probe says why in an info finding.
 LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscillating", "loss_stalled", "loss_plateau",
                  "probability_outputs")
 # A burst of huge losses that the run recovered from: the current weights no longer show what caused it (Adam at
@@ -99,8 +99,9 @@ class LearningRateProbe(Monitor):
     Verdicts: ``lr_too_high``, ``lr_too_low`` (with a suggested learning rate) or ``suspected_code_bug`` with a
     checklist; otherwise ``lr_ok``. Published as ``signals.PROBE_VERDICT`` / ``PROBE_SUGGESTED_LR``.
 
-    Runs in ``on_train_batch_end`` (after the optimizer step) on single-process runs with automatic optimization;
-    under DDP (world size > 1) and manual optimization it stays off (no collective is ever called). The
+    Runs in ``on_train_batch_end`` (after the optimizer step) with automatic optimization (manual optimization: an
+    ``info`` ``probe_skipped``). Under DDP each rank probes its own batch on the unwrapped module (no collective inside
+    the sweep) and the ranks agree on the verdict in one all-reduce; only a unanimous verdict is reported. The
     ``training_step``'s ``self.log``/``self.log_dict`` are silenced during the probe (instance attributes shadow them,
     then are removed); direct writes to ``self.logger.experiment`` are not. While it runs, ``signals.PROBE_RUNNING``
     is True: monitors with forward or tensor hooks should ignore those passes. The probe does not apply the
@@ -113,19 +114,24 @@ class LearningRateProbe(Monitor):
     the batch from the current weights, the probe asks again from the snapshot: if the batch fits from there, the
     training wrecked the weights (``lr_too_high``), it is not the code. A burst of huge losses that training recovered
     from (request ``loss_spike``) is probed from the snapshot too: it was saved before the burst, the current weights
-    no longer show what caused it.
+    no longer show what caused it. Before any ``suspected_code_bug`` a freshly initialized copy gets the same sweep; a
+    run whose loss fell to half its start and then collapsed is ``lr_too_high`` (see :mod:`diag.detectors.lr_probe`).
+    Module attributes a ``training_step`` rebinds (an RNN's hidden state) are put back; a batch the model cannot take
+    in halves is fitted whole.
 
     Cost: each probe is ``len(factors) + 1`` short fits of ``steps`` steps on ``batch_samples / 2`` samples, about
     the time of 100 training steps at the default settings (measured: 0.66 s, 7.7% of a 660-step digits MLP fit).
-    The first probe of a fit always runs (a symptom was seen, or a preflight was asked for: one diagnosis is worth
-    it even in a short fit); later ones only while all probes together stay within ``budget_fraction`` of the fit's
-    elapsed time, and at most ``max_probes``. Each distinct request reason is probed once. Between probes the hook
+    Every probe, the first included, stays within ``budget_fraction`` of the fit's projected time (its time per step
+    so far times its planned steps): a sweep whose cheapest cost cannot fit is not started, one projected over budget
+    after its first steps stops there (or is tried once on half the samples). At most ``max_probes``; each distinct
+    request reason is probed once. Between probes the hook
     costs a few integer comparisons (plus one loss read every ``snapshot_interval`` steps).
 
     Args:
         preflight_step: run one probe at this global step even without a request (``None``: only on request).
         max_probes: at most this many probes per fit.
-        budget_fraction: later probes run only while total probe time <= this share of the fit's elapsed time.
+        budget_fraction: all probes (their figures included) take at most this share of the fit's projected time;
+            ``None``: no limit (short test fits).
         steps: optimizer steps per learning-rate factor.
         factors: learning-rate factors to try; must include 1.0 and span at least four orders of magnitude.
         batch_samples: samples taken from the current batch (half fitted, half held out).

@@ -146,7 +146,6 @@ def _best_heldout(candidates: Sequence[FactorResult]) -> FactorResult:
 
 
 def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -> Optional[Verdict]:
-    best = result.best
     chance = result.zero_input_start_loss
     seen: List[str] = []
     checks: List[str] = []
@@ -385,6 +384,13 @@ def _best_fit_text(result: ProbeResult) -> str:
     return f"at {_where(best.factor)} the loss {_pct(best.progress)}"
 
 
+def _no_verdict(verdict: Verdict, why: str, advice: str, ev: Dict[str, Any]) -> Verdict:
+    """An ``info`` ``probe_skipped``: what the first sweep saw, and why that is not enough for a code bug."""
+    seen = verdict.message.rstrip(".")
+    return Verdict("probe_skipped", f"No verdict: {seen[:1].lower()}{seen[1:]}; {why}.", f"{advice}: {verdict.advice}",
+                   math.nan, ev, severity="info")
+
+
 def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[ProbeResult], trained_steps: int,
                   kept: Sequence[str] = (), reasons: Sequence[str] = ()) -> Verdict:
     """The verdict once a fresh initialization has had the same sweep (``control``; ``None`` when it could not run).
@@ -394,12 +400,10 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
     unconfirmed)."""
     ev = dict(verdict.evidence)
     if control is None:
-        return Verdict("probe_skipped", "No verdict: " + verdict.message.rstrip(".")[0].lower()
-                       + verdict.message.rstrip(".")[1:] + "; but a freshly initialized copy could not be probed "
-                       "within the time budget, and without it a weight state that a new initialization fixes cannot "
-                       "be told from a code bug.", "Run a longer fit or lift the probe's budget (LearningRateProbe("
-                       "budget_fraction=None)) to get the verdict; meanwhile: " + verdict.advice, math.nan, ev,
-                       severity="info")
+        return _no_verdict(verdict, "but a freshly initialized copy could not be probed within the time budget, and "
+                           "without it a weight state that a new initialization fixes cannot be told from a code bug",
+                           "Run a longer fit or lift the probe's budget (LearningRateProbe(budget_fraction=None)) to "
+                           "get the verdict; meanwhile", ev)
     ev["fresh_init_best_progress"] = max((r.progress for r in control.factors if not r.diverged), default=-math.inf)
     for r in control.factors:
         ev[f"fresh_init_loss_fraction@x{r.factor:g}"] = r.loss_fraction if math.isfinite(r.loss_fraction) else "diverged"
@@ -415,11 +419,9 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
     if not _control_fits(control):
         # Neither: the fresh copy passes the code-bug rules without fitting the batch (an LSTM language model at 100x
         # a working rate, replayed from its start: no rate fits from its own init, best 4%; the fresh copy 48% at 1/10).
-        return Verdict("probe_skipped", "No verdict: " + verdict.message.rstrip(".")[0].lower()
-                       + verdict.message.rstrip(".")[1:] + "; a freshly initialized copy does not fail that way ("
-                       + _best_fit_text(control) + ") but does not fit the batch either, so a code bug is not shown.",
-                       "Check the items below, and whether a lower learning rate or the layers' default initialization "
-                       "trains better: " + verdict.advice, math.nan, ev, severity="info")
+        return _no_verdict(verdict, f"a freshly initialized copy does not fail that way ({_best_fit_text(control)}) "
+                           "but does not fit the batch either, so a code bug is not shown", "Check the items below, "
+                           "and whether a lower learning rate or the layers' default initialization trains better", ev)
     # The fresh copy learns: name the weight state.
     idle = sorted(((share, name, kind) for name, (kind, share) in result.unit_states.items() if share >= IDLE_UNITS_SHARE),
                   reverse=True)
@@ -452,11 +454,10 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
         # only suit the batch better in the probe's 30 steps (a causal Transformer with labels one position off: the
         # fresh copy memorizes the batch at 10x; an LSTM language model 100x too slow: the fresh copy fits at 100x). No
         # verdict either way; the snapshot re-probe (same initialization, earlier step) is what tells a wrecked run.
-        return Verdict("probe_skipped", "No verdict: " + verdict.message.rstrip(".")[0].lower()
-                       + verdict.message.rstrip(".")[1:] + f"; but a freshly initialized copy does fit the batch "
-                       f"({fresh}), and no dead or saturated units explain why these weights do not, so neither a code "
-                       "bug nor a weight state is shown.", "Check the items below; if none applies, compare a run "
-                       "from a fresh initialization: " + verdict.advice, math.nan, ev, severity="info")
+        return _no_verdict(verdict, f"but a freshly initialized copy does fit the batch ({fresh}), and no dead or "
+                           "saturated units explain why these weights do not, so neither a code bug nor a weight state "
+                           "is shown", "Check the items below; if none applies, compare a run from a fresh "
+                           "initialization", ev)
     # No dead or saturated units to show for it: a custom init may only be slower to train than the layers' default
     # (Lightning's demo LSTM language model, uniform +-0.1 init: in the probe's 30 steps nothing fits from it, while
     # the default init fits at 1/10; over 1000 steps it trains fine at a healthy rate). A hint, not a warning.
