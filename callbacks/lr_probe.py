@@ -322,14 +322,18 @@ class LearningRateProbe(Monitor):
         """Keep the snapshot at the lowest-loss finite state seen at the refresh steps.
 
         The first call only records the loss of the snapshot taken at the start. Later a snapshot is replaced only
-        when the batch loss is finite and lower than at the snapshot, so it never holds weights that training has
+        when the loss (the loss monitor's smoothed loss, else the batch's) is finite and lower than at the snapshot, so it never holds weights that training has
         since wrecked (diverged, or units died at a too-high learning rate) when earlier ones were better.
         """
         self._snapshot_tried = step
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, torch.Tensor):
-            return
-        value = float(loss.detach().float().mean())
+        # The loss monitor's smoothed loss is a number already read in the monitors' batched read: no host read here.
+        # Alone (or before its first read), the batch loss is read.
+        value = self._context.get(signals.LOSS_SMOOTHED)
+        if not isinstance(value, float):
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if not isinstance(loss, torch.Tensor):
+                return
+            value = float(loss.detach().float().mean())
         if not math.isfinite(value):
             return
         if math.isinf(self._snapshot_loss):
