@@ -6,15 +6,10 @@ Example::
     trainer = pl.Trainer(callbacks=[Diagnostics()])
 """
 
-from .activations import ActivationMonitor
 from .base import Monitor
-from .data import DataMonitor
 from .diagnostics import Diagnostics
-from .fit import FitMonitor
-from .gradients import GradientMonitor
-from .loss_curve import LossCurveMonitor
-from .lr_probe import LearningRateProbe
-from .setup_check import SetupCheck
+from .monitors import (ActivationMonitor, DataMonitor, FitMonitor, GradientMonitor, LearningRateProbe, LossCurveMonitor,
+                       SetupCheck)
 
 __all__ = ["Diagnostics", "Monitor", "LossCurveMonitor", "LearningRateProbe", "GradientMonitor",
            "ActivationMonitor", "FitMonitor", "SetupCheck", "DataMonitor"]

@@ -8,14 +8,9 @@ from diag.context import DiagContext
 from diag.findings import Finding
 
 from ._compat import CALLBACK_BASES
-from .activations import ActivationMonitor
 from .base import Monitor
-from .data import DataMonitor
-from .fit import FitMonitor
-from .gradients import GradientMonitor
-from .loss_curve import LossCurveMonitor
-from .lr_probe import LearningRateProbe
-from .setup_check import SetupCheck
+from .monitors import (ActivationMonitor, DataMonitor, FitMonitor, GradientMonitor, LearningRateProbe, LossCurveMonitor,
+                       SetupCheck)
 
 # Every hook a Lightning callback can receive; Diagnostics hands each to the monitors that implement it.
 _FORWARDED_HOOKS = sorted(

@@ -37,9 +37,8 @@ from torch import nn
 from diag.findings import Finding
 
 from ._compat import TENSORBOARD_LOGGERS
-from .data import DataMonitor
 from .diagnostics import Diagnostics
-from .gradients import GradientMonitor
+from .monitors import DataMonitor, GradientMonitor
 
 log = logging.getLogger("diag")
 

@@ -265,7 +265,7 @@ def test_checkpoint_state_round_trips(tmp_path):
 
 
 def test_sampling_backs_off_deterministically():
-    from diag.callbacks.gradients import backed_off_interval
+    from diag.monitors.gradients import backed_off_interval
 
     assert [backed_off_interval(20, s, 8) for s in (0, 399, 400, 799, 800, 1600, 10 ** 6)] == [20, 20, 40, 40, 80, 160, 160]
     assert backed_off_interval(20, 10 ** 6, 1) == 20
@@ -293,8 +293,8 @@ def test_noise_estimates_are_rarer_where_they_can_only_be_information():
 def test_schedule_matches_the_backed_off_interval_in_any_step_order():
     import random
 
-    from diag.callbacks.base import Schedule
-    from diag.callbacks.gradients import backed_off_interval
+    from diag.monitors.base import Schedule
+    from diag.monitors.gradients import backed_off_interval
 
     rng = random.Random(0)
     for interval, max_backoff, offset, dense in [(20, 8, 0, 5), (10, 8, 3, 0), (25, 1, 0, 0), (7, 4, 0, 2)]:
@@ -315,8 +315,8 @@ def test_schedule_next_due_is_the_first_due_step_and_calls_at_it_alone_agree():
     find the same events as calling it at every step."""
     import random
 
-    from diag.callbacks.base import Schedule
-    from diag.callbacks.gradients import backed_off_interval
+    from diag.monitors.base import Schedule
+    from diag.monitors.gradients import backed_off_interval
 
     rng = random.Random(1)
     for interval, max_backoff, offset, dense in [(20, 8, 0, 5), (10, 8, 3, 0), (25, 1, 0, 0), (7, 4, 0, 2), (5, 8, 40, 10)]:

@@ -28,7 +28,7 @@ import torch
 import pytorch_lightning as pl
 
 from diag.callbacks import Diagnostics, FitMonitor, GradientMonitor
-from diag.callbacks.base import READ_EVERY
+from diag.monitors.base import READ_EVERY
 from diag.stats.host_read import BatchedRead
 from tests.helpers import Classifier, assert_silent, digits_loaders, mlp, trainer
 from tests.host_reads import HostReadCounter

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from diag import signals
 from diag.callbacks import LossCurveMonitor
-from diag.callbacks.loss_curve import _classes_from
+from diag.monitors.loss_curve import _classes_from
 from diag.stats.loss import LossStatistics
 from tests.helpers import (Classifier, assert_silent, classifier_for, codes, digits_loaders,
                            digits_tensors, fit, loaders_from, mlp, state_equal)

@@ -127,7 +127,7 @@ def test_sparse_gradients_are_measured_never_an_internal_error(tmp_path, caplog)
 
 
 def test_sparse_gradient_norm_is_the_dense_norm():
-    from diag.callbacks.gradients import _norm_view  # the glue's helper, checked against the dense norm
+    from diag.monitors.gradients import _norm_view  # the glue's helper, checked against the dense norm
 
     emb = nn.Embedding(17, 8, sparse=True)
     emb(torch.tensor([[1, 2, 2, 16], [2, 3, 1, 1]])).pow(2).sum().backward()

@@ -375,7 +375,7 @@ PROBE_FILES = ("callbacks/lr_probe.py", "diag/probe.py")
 def count_host_reads(factory, train, val, steps: int, args, root: str) -> Dict[str, Any]:
     """One more fit with ``Diagnostics()``, under the host-read counter (``tests/host_reads.py``): the reads issued from
     the package's frames, per step and between steps; the learning-rate probe's counted apart."""
-    from diag.callbacks.base import READ_EVERY
+    from diag.monitors.base import READ_EVERY
     from tests.host_reads import HostReadCounter
 
     counter = HostReadCounter()
