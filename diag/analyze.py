@@ -33,6 +33,7 @@ from diag.codes import code_info
 from diag.collector import FindingsCollector
 from diag.curves import (Curve, CurveError, Curves, describe, find_logged_runs, read_curves, training_epoch_loss_tag,
                          training_loss_tag, user_tags, validation_loss_tag)
+from diag.detectors import Verdict
 from diag.detectors import fit as fit_rules
 from diag.detectors import loss_curve as loss_rules
 from diag.findings import Finding, Severity
@@ -118,7 +119,7 @@ class _Replay:
         value = value_at(self.epochs, step, default=0.0)
         return int(value) if math.isfinite(value) else 0
 
-    def raise_(self, verdict: Any, extra: Optional[Dict[str, Any]] = None) -> None:
+    def raise_(self, verdict: Optional[Verdict], extra: Optional[Dict[str, Any]] = None) -> None:
         if verdict is None:
             return
         info = code_info(verdict.code)
@@ -143,7 +144,7 @@ class _Replay:
             return
         progress = stats.relative_progress()
         past_warmup = stats.count >= WARMUP_STEPS
-        self.stalled = bool(past_warmup and progress is not None and progress < loss_rules.STALLED_SIGNAL_MAX_PROGRESS)
+        self.stalled = bool(past_warmup and loss_rules.stalled_signal(progress))
         if not self.impossible_seen:
             impossible = loss_rules.impossible_loss(stats, chance)
             if impossible is not None:
@@ -160,8 +161,8 @@ class _Replay:
             self.raise_(loss_rules.loss_spike(stats, chance_level=chance))
             evidence = loss_rules.oscillation_evidence(stats, chance_level=chance)
             self.oscillation_checks = self.oscillation_checks + 1 if evidence is not None else 0
-            if evidence is not None and self.oscillation_checks >= loss_rules.OSC_CONSECUTIVE_CHECKS:
-                self.raise_(loss_rules.loss_oscillating(evidence))
+            if evidence is not None:
+                self.raise_(loss_rules.loss_oscillating(evidence, self.oscillation_checks))
         if stats.window_full and loss_rules.near_start(stats, chance) and loss_rules.flat(stats):
             if self.flat_since is None:
                 self.flat_since = stats.count
@@ -172,7 +173,7 @@ class _Replay:
 
     # ---- the validation loss: FitMonitor's rules --------------------------------------------------------------------
     def explained_by(self) -> List[str]:
-        return [code for code in fit_rules.STALL_EXPLAINED_BY if self.collector.has(code, Severity.WARNING)]
+        return fit_rules.stall_explained_by(lambda code: self.collector.has(code, Severity.WARNING))
 
     def judge_fit(self, history: FitHistory, reference: Optional[fit_rules.Reference], metric: str,
                   has_validation: bool) -> None:

@@ -1,4 +1,15 @@
-"""Work out the inputs and targets of a batch, for the common shapes; ``None`` whenever unsure.
+"""What a batch is, for every part of the package: its inputs and targets, its size, its samples, its loss.
+
+One definition, used by the data checks, the fit monitor, the learning-rate probe, the loss monitor and the gradient
+noise pass:
+
+- :func:`split_batch` / :func:`batch_parts`: the inputs and targets the data checks read (``None`` whenever unsure);
+- :func:`targets_of`: the targets the fit monitor counts classes in, and what :func:`zero_inputs` keeps (the last
+  element of a tuple, the target keys of a mapping);
+- :func:`batch_size`, :func:`take_samples`, :func:`halves`, :func:`map_tensors`: how many samples, and a batch of the
+  same type with some of them (the noise pass, the probe);
+- :func:`tensors_in`: every tensor of a batch (the loss monitor looks for integer targets among them);
+- :func:`loss_of`: the loss in what ``training_step`` returned.
 
 The data checks read the batch Lightning hands the callbacks. They never guess hard: a batch shape they do not
 recognize is skipped silently, and the user can point at the parts with ``DataMonitor(input_key=..., target_key=...)``
@@ -24,13 +35,16 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_ids")
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 MASK_KEYS = ("attention_mask",)
+SAMPLE_WEIGHT_KEYS = ("weight", "weights")
+# Keys that are never inputs: the targets, masks and per-sample weights (kept as they are by :func:`zero_inputs`).
+NON_INPUT_KEYS = TARGET_KEYS + ("mask",) + MASK_KEYS + SAMPLE_WEIGHT_KEYS
 
 Key = Union[str, int]
 
@@ -106,7 +120,8 @@ def split_batch(batch: Any) -> Optional[BatchParts]:
     return None
 
 
-def _pick(batch: Any, key: Key) -> Optional[torch.Tensor]:
+def tensor_at(batch: Any, key: Key) -> Optional[torch.Tensor]:
+    """The tensor under ``key`` (a mapping's key, a sequence's index, an attribute), or ``None``."""
     try:
         if isinstance(batch, Mapping):
             return _tensor(batch.get(key))
@@ -138,8 +153,146 @@ def batch_parts(batch: Any, input_key: Optional[Key] = None, target_key: Optiona
     if input_key is None and target_key is None:
         return split_batch(batch)
     guessed = split_batch(batch) or BatchParts(None, None)
-    inputs = _pick(batch, input_key) if input_key is not None else guessed.inputs
-    targets = _pick(batch, target_key) if target_key is not None else guessed.targets
+    inputs = tensor_at(batch, input_key) if input_key is not None else guessed.inputs
+    targets = tensor_at(batch, target_key) if target_key is not None else guessed.targets
     if inputs is None and targets is None:
         return None
     return BatchParts(inputs, _same_batch(inputs, targets), guessed.mask if inputs is guessed.inputs else None)
+
+
+# ---- the targets the fit monitor counts classes in, and the inputs the probe zeroes -----------------------------
+def targets_of(batch: Any) -> Any:
+    """The targets of ``batch`` as the fit monitor reads them: the last element of a tuple or list of two or more
+    (``((x1, x2), y)`` and ``(x, y, w)`` too, unlike :func:`split_batch`), the first of :data:`TARGET_KEYS` in a
+    mapping (whatever it holds); ``None`` otherwise."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[-1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+    return None
+
+
+def _not_input(key: Any) -> bool:
+    return str(key).lower() in NON_INPUT_KEYS
+
+
+def zero_inputs(batch: Any) -> Any:
+    """The batch with its inputs replaced by zeros (``torch.zeros_like``), targets untouched.
+
+    A tuple/list ``(x, y, ...)`` (a namedtuple too): everything but the last element is input (a 1-tuple: the one
+    element). A dict: every tensor except keys that name targets, masks or weights (:data:`NON_INPUT_KEYS`). A
+    dataclass: by its field names when one of them is such a key, else like a tuple. A bare tensor: zeroed. Pass
+    your own function to the probe for other layouts.
+    """
+    zero = torch.zeros_like
+    if isinstance(batch, torch.Tensor):
+        return zero(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        parts = [map_tensors(b, zero) for b in batch[:-1]] + [batch[-1]] if len(batch) > 1 else [map_tensors(batch[0], zero)]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    if isinstance(batch, dict):
+        return type(batch)((k, v if _not_input(k) else map_tensors(v, zero)) for k, v in batch.items())
+    if is_dataclass_batch(batch):
+        names = list(dataclass_fields(batch))
+        kept = set(filter(_not_input, names)) or set(names[-1:])
+        return dataclasses.replace(batch, **{f.name: getattr(batch, f.name) if f.name in kept
+                                             else map_tensors(getattr(batch, f.name), zero)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return map_tensors(batch, zero)
+
+
+# ---- the batch as a structure: its size and its samples ---------------------------------------------------------
+def _parts(batch: Any, mapping: type = dict) -> Optional[List[Any]]:
+    """The values inside a container batch (a ``mapping``'s values, a list's or tuple's items, a dataclass's fields);
+    ``None`` for anything else."""
+    if isinstance(batch, (list, tuple)):
+        return list(batch)
+    if isinstance(batch, mapping):
+        return list(batch.values())
+    if is_dataclass_batch(batch):
+        return list(dataclass_fields(batch).values())
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in ``batch``: the leading dimension of its first tensor that has a non-zero one, 0 when none.
+
+    Looks inside the containers :func:`map_tensors` rebuilds (dicts, lists, tuples, dataclasses), so that
+    :func:`take_samples` cuts every tensor it counted.
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 0
+    for part in _parts(batch) or ():
+        n = batch_size(part)
+        if n:
+            return n
+    return 0
+
+
+def tensors_in(batch: Any, max_depth: Optional[int] = None) -> List[torch.Tensor]:
+    """Every tensor of ``batch`` in order, looking at most ``max_depth`` containers deep (``None``: all the way);
+    mappings of any type are read."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    parts = _parts(batch, Mapping) if max_depth is None or max_depth > 0 else None
+    deeper = None if max_depth is None else max_depth - 1
+    return [t for part in parts or () for t in tensors_in(part, deeper)]
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested tuple/list/namedtuple/dict/dataclass) batch, keeping its types."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(b, fn) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, map_tensors(v, fn)) for k, v in batch.items())
+    if is_dataclass_batch(batch):
+        return dataclasses.replace(batch, **{f.name: map_tensors(getattr(batch, f.name), fn)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def take_samples(batch: Any, start: int, stop: int, copy: bool = False) -> Any:
+    """Samples ``start:stop`` of ``batch``, in its own type: every tensor whose leading dimension is the batch size
+    is sliced (a view), the others (scalars, metadata) are kept as they are. ``copy``: detached clones of every
+    tensor instead, so that nothing refers to the batch Lightning handed over."""
+    size = batch_size(batch)
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        part = t[start:stop] if t.dim() > 0 and t.shape[0] == size else t
+        return part.detach().clone() if copy else part
+
+    return map_tensors(batch, cut)
+
+
+MIN_HALVES_SAMPLES = 4  # one sample would make a half a single example; two per half is the least that says anything
+
+
+def halves(batch: Any, samples: int) -> Optional[Tuple[Any, Any]]:
+    """Copies of the first ``samples`` samples of ``batch``, halved into (A, B); ``None`` below
+    :data:`MIN_HALVES_SAMPLES` samples. (The learning-rate probe fits A and holds B out.)"""
+    n = batch_size(batch)
+    if n < MIN_HALVES_SAMPLES:
+        return None
+    k = min(n, samples)
+    return take_samples(batch, 0, k // 2, copy=True), take_samples(batch, k // 2, k, copy=True)
+
+
+# ---- the loss -----------------------------------------------------------------------------------------------------
+def loss_of(output: Any) -> Optional[torch.Tensor]:
+    """The loss in what ``training_step`` returned (or what Lightning hands the batch-end hooks): a tensor, or the
+    tensor under ``"loss"`` of a mapping; ``None`` otherwise (a step that returned ``None`` was skipped)."""
+    if type(output) is dict:  # what Lightning hands over: checked first, the Mapping ABC check is slow per step
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return None

@@ -18,7 +18,8 @@ class DiagContext:
         self.collector = collector if collector is not None else FindingsCollector()
         self.signals: Dict[str, Any] = {}
         self.probe_requests: List[str] = []
-        self.probe_listeners: List[Callable[[], None]] = []  # called on each new request (wakes a sleeping probe)
+        # set by the router that drives the monitors: a new request wakes the monitors that act on requests
+        self.on_probe_request: Optional[Callable[[], None]] = None
 
     def publish(self, key: str, value: Any) -> None:
         self.signals[key] = value
@@ -30,5 +31,5 @@ class DiagContext:
         """Ask the learning-rate probe (if one is attached) to run at the next opportunity, e.g. ``"loss_diverging"``."""
         if reason not in self.probe_requests:
             self.probe_requests.append(reason)
-            for listener in self.probe_listeners:
-                listener()
+            if self.on_probe_request is not None:
+                self.on_probe_request()

@@ -22,16 +22,19 @@ The rules that turn a :class:`ProbeResult` into a verdict live in :mod:`diag.det
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import random
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from diag.batch import batch_size, halves, map_tensors, zero_inputs  # noqa: F401 (zero_inputs: the probe's default)
 
 # The factors of the current learning rate tried on the frozen batch: four orders of magnitude around it, as the
 # issue asks ("1e-2 ... 1e2 of the current LR").
@@ -194,76 +197,6 @@ class ProbeResult:
         return ev
 
 
-# ---- batches --------------------------------------------------------------------------------------------
-def _batch_len(batch: Any) -> Optional[int]:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            n = _batch_len(item)
-            if n is not None:
-                return n
-    if isinstance(batch, dict):
-        for item in batch.values():
-            n = _batch_len(item)
-            if n is not None:
-                return n
-    return None
-
-
-def map_batch(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of a (nested tuple/list/dict) batch, keeping the structure."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(map_batch(b, fn) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(map_batch(b, fn) for b in batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, map_batch(v, fn)) for k, v in batch.items())
-    return batch
-
-
-def split_batch(batch: Any, samples: int = DEFAULT_BATCH_SAMPLES) -> Optional[Tuple[Any, Any]]:
-    """Copies of the first ``samples`` samples of ``batch``, halved into (A, B); ``None`` when it cannot be split.
-
-    Tensors whose first dimension is the batch size are sliced; others (scalars, metadata) are kept as they are.
-    The halves are clones: the probe never touches the batch Lightning handed over.
-    """
-    n = _batch_len(batch)
-    if n is None or n < 4:
-        return None
-    k = min(n, samples)
-    half = k // 2
-
-    def cut(lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: t[lo:hi].detach().clone() if t.dim() > 0 and t.shape[0] == n else t.detach().clone()
-
-    return map_batch(batch, cut(0, half)), map_batch(batch, cut(half, k))
-
-
-_TARGET_KEYS = ("y", "label", "labels", "target", "targets", "mask", "attention_mask", "weight", "weights")
-
-
-def zero_inputs(batch: Any) -> Any:
-    """The batch with its inputs replaced by zeros (``torch.zeros_like``), targets untouched.
-
-    A tuple/list ``(x, y, ...)``: everything but the last element is input (a 1-tuple: the one element).
-    A dict: every tensor except keys that name targets or masks (``y``, ``label(s)``, ``target(s)``, ``mask``...).
-    A bare tensor: zeroed. Pass your own function to the probe for other layouts.
-    """
-    zero = lambda t: torch.zeros_like(t)  # noqa: E731
-    if isinstance(batch, torch.Tensor):
-        return zero(batch)
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        if len(batch) == 1:
-            return type(batch)([map_batch(batch[0], zero)])
-        return type(batch)([map_batch(b, zero) for b in batch[:-1]] + [batch[-1]])
-    if isinstance(batch, dict):
-        return type(batch)((k, v if str(k).lower() in _TARGET_KEYS else map_batch(v, zero)) for k, v in batch.items())
-    return map_batch(batch, zero)
-
-
 # ---- saving and restoring ----------------------------------------------------------------------------------
 def _metric_modules(module: nn.Module) -> List[nn.Module]:
     """torchmetrics ``Metric`` submodules: their accumulated states are attributes outside the state dict."""
@@ -305,12 +238,43 @@ class AttributeBindings:
                     current.update(saved_items)
 
 
-class RestorePoint:
-    """Everything of ``module`` (and the process RNGs) the probe may change, saved to be put back bitwise."""
+def _no_log(*_args: Any, **_kwargs: Any) -> None:
+    return None
 
-    def __init__(self, module: nn.Module) -> None:
+
+@contextlib.contextmanager
+def quiet_logging(module: Any) -> Iterator[None]:
+    """Silence ``self.log``/``self.log_dict`` of a LightningModule while an extra ``training_step`` runs (the probe's
+    sweep, the gradient noise pass).
+
+    The two methods are shadowed by instance attributes that do nothing, then the instance attributes are removed
+    (or the user's own instance attributes put back), so nothing the extra step computes reaches the logger, the
+    progress bar or ``trainer.callback_metrics``. Direct writes to ``self.logger.experiment`` cannot be caught.
+    """
+    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    object.__setattr__(module, "log", _no_log)
+    object.__setattr__(module, "log_dict", _no_log)
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                object.__setattr__(module, name, saved[name])
+            else:
+                module.__dict__.pop(name, None)
+
+
+class RestorePoint:
+    """Everything of ``module`` (and the process RNGs) the probe may change, saved to be put back bitwise.
+
+    ``parameters=False``: everything but the parameters (values, ``.grad``, ``requires_grad``), for a pass that only
+    reads them (the gradient noise pass: ``torch.autograd.grad`` at the current weights); no copy of the weights then.
+    """
+
+    def __init__(self, module: nn.Module, parameters: bool = True) -> None:
         self.module = module
-        self.params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()]
+        self.params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()] if parameters \
+            else []
         self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
         self.modes = [(m, m.training) for m in module.modules()]
         # Plain attributes a training_step may rebind (an RNN's hidden state carried across batches: ``self.hidden``):
@@ -588,7 +552,7 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
     the starting loss is not a positive finite number.
     """
     started = time.perf_counter()
-    parts = split_batch(batch, batch_samples)
+    parts = halves(batch, batch_samples)
     if parts is None:
         return None
     point = RestorePoint(module)
@@ -620,7 +584,7 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
             except Exception:
                 # The model cannot take half a batch (a hidden state sized to the full batch): fit it whole.
                 start.restore_weights()
-                fit_part, held_part, whole = map_batch(batch, lambda t: t.detach().clone()), None, True
+                fit_part, held_part, whole = map_tensors(batch, lambda t: t.detach().clone()), None, True
                 unit_states.clear()
                 torch.manual_seed(PROBE_SEED)
                 start_loss_t, output = _record_output(module, lambda: loss_fn(fit_part))
@@ -721,8 +685,8 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
             else:
                 break
         probabilities = looks_like_probabilities(output)
-        result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=_batch_len(fit_part) or 0,
-                             samples_heldout=_batch_len(held_part) or 0 if held_part is not None else 0,
+        result = ProbeResult(base_lr=base_lr, steps=steps, samples_fit=batch_size(fit_part),
+                             samples_heldout=batch_size(held_part),
                              start_loss=start_loss,
                              start_heldout_loss=start_held, factors=sorted(results, key=lambda r: r.factor),
                              outputs_look_like_probabilities=probabilities,

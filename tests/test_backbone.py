@@ -134,20 +134,55 @@ def test_idle_per_step_hooks_are_hidden_from_lightning_but_not_from_subclasses(t
     assert plain.on_after_backward is None
 
 
-def test_a_hook_put_to_sleep_again_keeps_one_wake_up():
-    """A monitor that asks to sleep on every call (the gradient monitor without a loss monitor does, from its
-    on_train_batch_end) must not queue a wake-up per call: the sleeping hook keeps its first one."""
-    from diag.callbacks import GradientMonitor
+def test_the_router_routes_from_declarations_and_asks_again_only_when_due():
+    """A monitor declares when it next needs a hook; the router routes the hook off until then and does not ask the
+    monitor again in between (no per-step cost), then routes it back on for exactly the due batch."""
+    from diag.monitors.router import NEVER, Router
 
-    diagnostics = Diagnostics(console=False)
-    monitor = diagnostics.monitor(GradientMonitor)
-    hooks = ("on_train_batch_start", "on_before_optimizer_step")
-    for _ in range(50):
-        monitor._sleep(hooks, 20)
-    assert len(diagnostics._wakeups) == 2 and diagnostics._next_wakeup == 20
-    assert all(fn.__self__ is not monitor for hook in hooks for fn in diagnostics._hooked[hook])
-    diagnostics._after_batch(19)
-    assert len(diagnostics._wakeups) == 2
-    diagnostics._after_batch(20)
-    assert diagnostics._wakeups == [] and all(any(fn.__self__ is monitor for fn in diagnostics._hooked[hook])
-                                              for hook in hooks)
+    class Declaring:
+        def __init__(self):
+            self.asked, self.called = [], []
+
+        def on_train_batch_start(self, step):
+            self.called.append(step)
+
+        def on_train_batch_end(self, step):
+            pass
+
+        def wants(self, step):
+            self.asked.append(step)
+            return {"on_train_batch_start": 20 if step < 20 else (step if step < 25 else NEVER)}
+
+    shown = []
+    monitor = Declaring()
+    router = Router([monitor], ["on_train_batch_start", "on_train_batch_end"], lambda m, h: True,
+                    lambda hook, on: shown.append((hook, on)))
+    for step in range(40):
+        router.call("on_train_batch_start", step)
+        router.call("on_train_batch_end", step)
+        router.plan(step + 1)
+    assert monitor.called == [0] + list(range(20, 25))
+    assert monitor.asked == [1, 20, 21, 22, 23, 24, 25]  # never between its due steps, never after NEVER
+    assert shown[-1] == ("on_train_batch_start", False) and router.receives(monitor, "on_train_batch_end")
+    router.wake(monitor)  # the declared event (a probe request) gives every hook back at once
+    assert router.receives(monitor, "on_train_batch_start")
+
+
+def test_a_monitor_alone_skips_the_hooks_its_declaration_routes_off(tmp_path):
+    """Used alone (no Diagnostics), a monitor is routed from its declaration too: Lightning stops calling a per-step
+    hook it does not need now, and the monitor's findings are the same as composed."""
+    from diag.callbacks import ActivationMonitor
+
+    alone = ActivationMonitor(interval=10, window=2)
+    starts = []
+
+    class Counting(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            starts.append(callable(alone.on_train_batch_start))
+
+    model = Classifier(mlp([64, 16, 10]), lr=1e-3)
+    train, _ = digits_loaders(batch_size=32, n_train=640)
+    pl.Trainer(default_root_dir=str(tmp_path), max_steps=30, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, logger=False, callbacks=[Counting(), alone]).fit(model, train)
+    assert starts[:2] == [True, False] and sum(starts) == 3  # the first batch, then steps 10 and 20 only
+

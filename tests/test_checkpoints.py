@@ -188,3 +188,104 @@ def test_state_keys_are_stable_and_distinct():
     a, b = GradientMonitor(), GradientMonitor(interval=3)
     assert a.state_key != b.state_key
     assert len({m.state_key for m in Diagnostics().monitors}) == len(Diagnostics().monitors)
+
+
+def _assert_plain(value, path="state") -> None:
+    """Checkpoint data: dicts with string keys, lists, strings, numbers, booleans, None; tensors only on the CPU (the
+    activation moments' vectors, which ``torch.load(weights_only=True)`` reads)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str), f"{path}: key {k!r} is a {type(k).__name__}"
+            _assert_plain(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _assert_plain(v, f"{path}[{i}]")
+    elif isinstance(value, torch.Tensor):
+        assert value.device.type == "cpu", f"{path}: a tensor on {value.device}"
+    else:
+        assert value is None or type(value) in (bool, int, float, str), f"{path}: a {type(value).__name__}"
+
+
+class _Snapshot:
+    """Placed after Diagnostics: its state_dict mid-way through the second epoch (a checkpoint's moment)."""
+
+    def __init__(self, diagnostics: Diagnostics, at_step: int) -> None:
+        self.diagnostics, self.at_step, self.state = diagnostics, at_step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            self.state = self.diagnostics.state_dict()
+
+
+def test_each_monitor_state_round_trips_as_plain_data(tmp_path):
+    """For every monitor: the declared state (``STATE``) after a real fit, mid-epoch and at the end, loaded into a new
+    monitor gives the same state back, holds only plain data, and survives ``torch.save``/``torch.load(weights_only)``."""
+    import io
+
+    from diag.monitors.state import state_key
+
+    train, val = digits_loaders(batch_size=32, n_train=640, standardize=False)  # 20 steps per epoch
+    diagnostics = Diagnostics()
+    snapshot = type("Snapshot", (_Snapshot, pl.Callback), {})(diagnostics, at_step=27)
+    pl.seed_everything(0)
+    _trainer(pl, tmp_path, [diagnostics, snapshot], enable_checkpointing=False).fit(_module(pl), train, val)
+    assert_no_internal_error(diagnostics.findings)
+    assert snapshot.state is not None
+    as_new = set()
+    for when, states in (("mid_epoch", snapshot.state["monitors"]), ("end", diagnostics.state_dict()["monitors"])):
+        for monitor in diagnostics.monitors:
+            name = f"{when}.{type(monitor).__name__}"
+            state = states[type(monitor).__name__]["monitor"]
+            assert {state_key(n) for n in type(monitor).STATE} <= set(state), name
+            _assert_plain(state, name)
+            fresh = type(monitor)()
+            if state == fresh.state_dict()["monitor"]:
+                as_new.add(name)
+            fresh.load_state_dict({"monitor": state})
+            _same(state, fresh.state_dict()["monitor"], name)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
+            _same(state, torch.load(buffer, weights_only=True), name)
+    # the fit changed every monitor's state (the probe is never asked for on this model: it has nothing to keep)
+    assert as_new == {"mid_epoch.LearningRateProbe", "end.LearningRateProbe"}, as_new
+
+
+def test_declared_state_saves_and_loads_each_kind_of_value():
+    """A deque keeps its maxlen, a set stays a set, a tuple a tuple, an object with state_dict is loaded in place; a
+    key the checkpoint lacks keeps the constructor's value; what is not plain data is refused."""
+    import collections
+
+    from diag.monitors.state import load_state, save_state
+    from diag.stats.gradients import EMA
+
+    class Holder:
+        STATE = ("_recent", "_reasons", "_pair", "_count", "_level", "_done", "_last", "ema")
+
+        def __init__(self) -> None:
+            self._recent = collections.deque(maxlen=3)
+            self._reasons: set = set()
+            self._pair = ("", "")
+            self._count, self._level, self._done, self._last = 0, 0.0, False, None
+            self.ema = EMA(0.5)
+
+    a = Holder()
+    a._recent.extend([1.0, 2.0, 3.0, 4.0])
+    a._reasons.update({"b", "a"})
+    a._pair, a._count, a._level, a._done, a._last = ("x", "y"), 7, 0.25, True, 3
+    a.ema.update(2.0)
+    state = save_state(a, Holder.STATE)
+    assert state == {"recent": [2.0, 3.0, 4.0], "reasons": ["a", "b"], "pair": ["x", "y"], "count": 7, "level": 0.25,
+                     "done": True, "last": 3, "ema": a.ema.state_dict()}
+    b = Holder()
+    ema = b.ema
+    load_state(b, Holder.STATE, state)
+    assert b._recent == collections.deque([2.0, 3.0, 4.0]) and b._recent.maxlen == 3
+    assert b._reasons == {"a", "b"} and b._pair == ("x", "y") and (b._count, b._level, b._done, b._last) == (7, 0.25, True, 3)
+    assert b.ema is ema and b.ema.compute() == a.ema.compute()
+    c = Holder()
+    load_state(c, Holder.STATE, {"count": 2})  # an older checkpoint without the other keys
+    assert c._count == 2 and c._recent.maxlen == 3 and not c._recent and c._reasons == set() and c._pair == ("", "")
+    c._last = torch.zeros(2)
+    with pytest.raises(TypeError):
+        save_state(c, Holder.STATE)

@@ -36,7 +36,7 @@ from lightning.fabric.strategies import DDPStrategy  # noqa: E402
 
 import diag  # noqa: E402
 from diag.callbacks import LearningRateProbe  # noqa: E402
-from diag.callbacks import session as session_module  # noqa: E402
+from diag.monitors import host as session_module  # noqa: E402 (the loop's stand-ins for a Trainer)
 from tests.helpers import digits_tensors, mlp  # noqa: E402
 
 torch.set_num_threads(1)

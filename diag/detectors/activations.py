@@ -7,9 +7,9 @@ Each rule reads one layer's window summary (see :mod:`diag.stats.activations`) a
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 from diag.detectors import Verdict
+from diag.stats.numbers import finite_number
 
 # ---- shared ---------------------------------------------------------------------------------------
 # "Zero for every sample" only means something when each unit was seen often enough: a unit active on 5% of
@@ -34,10 +34,6 @@ class LayerView:
     feeder: Optional[str] = None  # the last activation module that ran before this weight layer
     feeder_type: Optional[str] = None  # its class name ("Sigmoid"); None for a functional activation
     dead_from_input: bool = False  # judge dead units on this weight layer's input (functional activation)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # ---- non_zero_centered_activation -----------------------------------------------------------------
@@ -78,13 +74,13 @@ def symptoms(signals: Mapping[str, Any]) -> Dict[str, Any]:
 
     zigzag = signals.get(s.GRAD_ZIGZAG) is True
     progress = signals.get(s.LOSS_RELATIVE_PROGRESS)
-    stalled = signals.get(s.LOSS_STALLED) is True or (_finite(progress) and progress < SLOW_RELATIVE_PROGRESS)
+    stalled = signals.get(s.LOSS_STALLED) is True or (finite_number(progress) and progress < SLOW_RELATIVE_PROGRESS)
     loss, chance = signals.get(s.LOSS_SMOOTHED), signals.get(s.LOSS_CHANCE_LEVEL)
-    unsolved = _finite(loss) and _finite(chance) and chance > 0 and loss >= UNSOLVED_LOSS_FRACTION_OF_CHANCE * chance
+    unsolved = finite_number(loss) and finite_number(chance) and chance > 0 and loss >= UNSOLVED_LOSS_FRACTION_OF_CHANCE * chance
     initial = signals.get(s.LOSS_INITIAL)
-    reference = chance if _finite(chance) and chance > 0 else initial
+    reference = chance if finite_number(chance) and chance > 0 else initial
     # Training visibly works: the smoothed loss is below half of the chance level (or of the first loss).
-    learning = _finite(loss) and _finite(reference) and reference > 0 and loss < UNSOLVED_LOSS_FRACTION_OF_CHANCE * reference
+    learning = finite_number(loss) and finite_number(reference) and reference > 0 and loss < UNSOLVED_LOSS_FRACTION_OF_CHANCE * reference
     out: Dict[str, Any] = {"zigzag": int(zigzag), "stalled": int(stalled), "unsolved": int(unsolved),
                            "learning": int(learning)}
     out["present"] = zigzag or (stalled and unsolved)
@@ -105,11 +101,11 @@ def non_zero_centered(layer: LayerView, signs: Mapping[str, Any]) -> Optional[Ve
       fine (DeepDiagnosis's "dead node" alarm fired on 58 healthy models): ReLU inputs alone raise nothing.
     """
     s = layer.summary
-    if layer.kind != "weight" or layer.data_facing or not _finite(s.get("fraction_positive")):
+    if layer.kind != "weight" or layer.data_facing or not finite_number(s.get("fraction_positive")):
         return None
     if s["fraction_positive"] < POSITIVE_INPUT_SHARE:
         return None
-    offset = _finite(s.get("offset_ratio")) and s["offset_ratio"] >= OFFSET_RATIO
+    offset = finite_number(s.get("offset_ratio")) and s["offset_ratio"] >= OFFSET_RATIO
     strictly = s.get("fraction_strictly_positive", 0.0) >= SIGMOID_LIKE_SHARE
     bounded = s.get("fraction_bounded", 0.0) >= SIGMOID_LIKE_SHARE
     sigmoid_fed = layer.feeder_type in SIGMOID_TYPE_FEEDERS
@@ -140,7 +136,7 @@ def non_zero_centered(layer: LayerView, signs: Mapping[str, Any]) -> Optional[Ve
     message = (f"{s['fraction_positive']:.0%} of the input features of {layer.name} ({layer.module_type}) never went "
                f"negative; mean {s['mean']:.3g}, std {s['std']:.3g} (offset ratio {s['offset_ratio']:.2f}): {why}.")
     advice = NON_ZERO_CENTERED_ADVICE.format(layer=layer.name, mean=s["mean"], std=s["std"])
-    return Verdict("non_zero_centered_activation", severity, message, advice, evidence, layer.name)
+    return Verdict("non_zero_centered_activation", message, advice, evidence, severity, layer.name)
 
 
 # ---- dead_units -----------------------------------------------------------------------------------
@@ -161,18 +157,35 @@ DEAD_ADVICE = (
 )
 
 
-def dead_units(layer: LayerView) -> Optional[Verdict]:
-    s = layer.summary
+def dead_units_applies(layer: LayerView) -> bool:
+    """Whether :func:`dead_units` judges this layer: an activation module whose "off" state is exactly zero, or a
+    weight layer fed by a functional activation (not the data)."""
     if layer.kind == "activation":
-        if layer.module_type not in DEAD_CAPABLE:
-            return None
-    elif not layer.dead_from_input or layer.data_facing:
+        return layer.module_type in DEAD_CAPABLE
+    return layer.dead_from_input and not layer.data_facing
+
+
+def _unit_share(layer: LayerView, applies: bool, key: str, info_at: float,
+                warning_at: float) -> Optional[Tuple[float, int, str]]:
+    """The share ``summary[key]`` of the layer's units in some state, its unit count and the severity they earn:
+    ``warning`` from ``warning_at`` in a layer of at least ``MIN_UNITS_FOR_WARNING`` units, ``info`` from ``info_at``;
+    ``None`` below that, with too few samples per unit to tell, or where the rule does not apply."""
+    if not applies:
         return None
-    dead = s.get("dead_fraction")
-    if not _finite(dead) or s.get("samples", 0) < MIN_SAMPLES_PER_UNIT or dead < DEAD_FRACTION_INFO:
+    s = layer.summary
+    share = s.get(key)
+    if not finite_number(share) or s.get("samples", 0) < MIN_SAMPLES_PER_UNIT or share < info_at:
         return None
     units = int(s.get("features", 0))
-    severity = "warning" if dead >= DEAD_FRACTION_WARNING and units >= MIN_UNITS_FOR_WARNING else "info"
+    return share, units, "warning" if share >= warning_at and units >= MIN_UNITS_FOR_WARNING else "info"
+
+
+def dead_units(layer: LayerView) -> Optional[Verdict]:
+    found = _unit_share(layer, dead_units_applies(layer), "dead_fraction", DEAD_FRACTION_INFO, DEAD_FRACTION_WARNING)
+    if found is None:
+        return None
+    dead, units, severity = found
+    s = layer.summary
     if layer.kind == "activation":
         what, units_of = f"units of {layer.name} ({layer.module_type})", f"units of {layer.name}"
     else:
@@ -181,7 +194,7 @@ def dead_units(layer: LayerView) -> Optional[Verdict]:
     message = (f"{dead:.0%} of the {units} {what} were zero for every one of {int(s['samples'])} samples over the "
                f"window.")
     evidence = {"dead_fraction": dead, "units": units, "samples_per_unit": int(s["samples"]), "mean": s["mean"]}
-    return Verdict("dead_units", severity, message, DEAD_ADVICE.format(dead=dead, units_of=units_of), evidence,
+    return Verdict("dead_units", message, DEAD_ADVICE.format(dead=dead, units_of=units_of), evidence, severity,
                    layer.name)
 
 
@@ -204,19 +217,34 @@ SATURATED_ADVICE = (
 )
 
 
+def saturated_activations_applies(layer: LayerView) -> bool:
+    """Whether :func:`saturated_activations` judges this layer: a bounded activation module (sigmoid/tanh family)."""
+    return layer.kind == "activation" and layer.module_type in SATURATION_LIMITS
+
+
+def judged_activation(module_type: str) -> bool:
+    """Whether an activation module of this class is measured at all: its output can die or saturate."""
+    return module_type != "functional" and (module_type in DEAD_CAPABLE or module_type in SATURATION_LIMITS)
+
+
+def moment_settings(kind: str, module_type: str) -> Dict[str, Any]:
+    """What the layer's :class:`~diag.stats.activations.FeatureMoments` must count for these rules: the saturation
+    band of a bounded activation (``None`` elsewhere) and the share of samples that makes a unit saturated."""
+    limits = SATURATION_LIMITS.get(module_type) if kind == "activation" else None
+    return {"saturation": limits, "unit_share": UNIT_SATURATED_SHARE}
+
+
 def saturated_activations(layer: LayerView, signs: Optional[Mapping[str, Any]] = None) -> Optional[Verdict]:
     """Most of a sigmoid/tanh layer's units at their limits. A warning only while training is not visibly working:
     a trained tanh network can drive many units to +-1 on purpose (a 2-64-64-2 tanh MLP that solved two spirals,
     validation loss 0.004, had 52% of a layer's units saturated), so once the loss is below half of the chance level
     (or of the first loss) it is at most ``info``."""
+    found = _unit_share(layer, saturated_activations_applies(layer), "saturated_fraction", SATURATED_FRACTION_INFO,
+                        SATURATED_FRACTION_WARNING)
+    if found is None:
+        return None
+    sat, units, severity = found
     s = layer.summary
-    if layer.kind != "activation" or layer.module_type not in SATURATION_LIMITS:
-        return None
-    sat = s.get("saturated_fraction")
-    if not _finite(sat) or s.get("samples", 0) < MIN_SAMPLES_PER_UNIT or sat < SATURATED_FRACTION_INFO:
-        return None
-    units = int(s.get("features", 0))
-    severity = "warning" if sat >= SATURATED_FRACTION_WARNING and units >= MIN_UNITS_FOR_WARNING else "info"
     if signs is not None and signs.get("learning"):
         severity = "info"
     message = (f"{sat:.0%} of the {units} units of {layer.name} ({layer.module_type}) were at their limits for at least "
@@ -224,4 +252,4 @@ def saturated_activations(layer: LayerView, signs: Optional[Mapping[str, Any]] =
     evidence = {"saturated_fraction": sat, "units": units, "samples_per_unit": int(s["samples"]), "mean": s["mean"],
                 "std": s["std"]}
     advice = SATURATED_ADVICE.format(sat=sat, layer=layer.name, kind=layer.module_type.lower())
-    return Verdict("saturated_activations", severity, message, advice, evidence, layer.name)
+    return Verdict("saturated_activations", message, advice, evidence, severity, layer.name)

@@ -119,6 +119,15 @@ def _normalize_advice(fig: Mapping[str, float], summary: Mapping[str, torch.Tens
     return first + ". Compute the statistics on the training split only and apply the same transform to validation."
 
 
+def normalized_in_model(first_layer_inputs: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the first weight layer receives normalized values (at most an ``info`` from
+    :func:`inputs_not_normalized` on them): the model normalizes its raw inputs in forward."""
+    if input_summary_figures(first_layer_inputs) is None:
+        return False
+    verdict = inputs_not_normalized(first_layer_inputs)
+    return verdict is None or verdict.severity == "info"
+
+
 def inputs_not_normalized(summary: Mapping[str, torch.Tensor], channels: bool = False,
                           normalized_inside: Optional[str] = None) -> Optional[Verdict]:
     """``warning`` when the inputs are far from zero mean / unit scale or their scales differ by orders of magnitude;
@@ -144,16 +153,16 @@ def inputs_not_normalized(summary: Mapping[str, torch.Tensor], channels: bool = 
         advice = _normalize_advice(fig, summary, channels)
         if normalized_inside:
             evidence["normalized_inside_at"] = normalized_inside
-            return Verdict("inputs_not_normalized", "info",
+            return Verdict("inputs_not_normalized",
                            message + f" The first weight layer ({normalized_inside}) receives normalized values, so the "
                            f"model appears to normalize them in forward.",
                            "Nothing to do if the normalization inside the model is intended; " + advice[0].lower() + advice[1:],
-                           evidence)
-        return Verdict("inputs_not_normalized", "warning", message, advice, evidence)
+                           evidence, "info")
+        return Verdict("inputs_not_normalized", message, advice, evidence, "warning")
     if fig["min_value"] >= 0 and fig["max_value"] <= 1 and fig["median_offset_ratio"] > UNCENTERED_UNIT_RANGE_RATIO:
         message = (f"The training inputs are scaled to [0, 1] but not centered: the median {what} mean is "
                    f"{fmt(fig['median_offset_ratio'])} standard deviations above zero.")
-        return Verdict("inputs_not_normalized", "info", message, _normalize_advice(fig, summary, channels), evidence)
+        return Verdict("inputs_not_normalized", message, _normalize_advice(fig, summary, channels), evidence, "info")
     return None
 
 
@@ -214,7 +223,7 @@ def class_imbalance(counts: Sequence[int], kind: str, classifier_confirmed: bool
     elif not classifier_confirmed:
         severity = "info"
         message += " (The model's output width does not confirm these are class labels.)"
-    return Verdict("class_imbalance", severity, message, advice, evidence)
+    return Verdict("class_imbalance", message, advice, evidence, severity)
 
 
 # ---- train_val_overlap ----------------------------------------------------------------------------------
@@ -266,4 +275,4 @@ def train_val_overlap(train_counts: Mapping[bytes, int], train_samples: int, val
         severity = "info"
         message += (f" The training inputs repeat one another too ({distinct_train:.0%} distinct), so the inputs "
                     f"take few distinct values and some overlap is expected.")
-    return Verdict("train_val_overlap", severity, message, advice, evidence)
+    return Verdict("train_val_overlap", message, advice, evidence, severity)

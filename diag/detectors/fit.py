@@ -1,7 +1,7 @@
 """Rules on the train/validation curves: underfitting, overfitting, when to stop; and which logged metrics they are.
 
 Each rule reads a :class:`~diag.stats.fit.FitHistory` (one entry per evaluation) and returns a
-:class:`FitVerdict` or ``None``. Thresholds are named constants with their source. "Measured" figures come from
+:class:`~diag.detectors.Verdict` or ``None``. Thresholds are named constants with their source. "Measured" figures come from
 recorded runs (Adam, one validation per epoch, 30-60 epochs): linear and 2-3-2 MLP classifiers on two
 interleaved spirals (underfit), a 64-256-256-10 MLP on 40 digits (overfit, lr 1e-3 and 1e-2), a 2-256-256-2
 MLP on 40 spiral points (overfit), and healthy twins: a 2-128-128-2 MLP on 800 spiral points, the 64-256-256-10
@@ -14,30 +14,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from diag.detectors import Verdict
 from diag.stats.fit import FitHistory
+from diag.stats.numbers import finite_number
 
 Evidence = Dict[str, Union[float, int, str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class FitVerdict:
-    code: str
-    message: str
-    advice: str
-    evidence: Evidence
-    severity: Optional[str] = None  # None: the catalogue's usual severity
 
 
 def _r(x: Optional[float]) -> Union[float, str]:
     if x is None or not math.isfinite(x):
         return "nan"
     return float(f"{x:.6g}")
-
-
-def _finite(x: Optional[float]) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 # ==== which logged metrics are the losses ==================================================================
@@ -62,7 +51,7 @@ def _tokens(key: str) -> List[str]:
     return [t for t in re.split(r"[/_.\-\s]+", key.lower()) if t]
 
 
-def _pick(keys: Iterable[str], names: Sequence[str], accept) -> Optional[str]:
+def _logged_key(keys: Iterable[str], names: Sequence[str], accept) -> Optional[str]:
     keys = list(keys)
     for name in names:
         if name in keys:
@@ -73,17 +62,17 @@ def _pick(keys: Iterable[str], names: Sequence[str], accept) -> Optional[str]:
 
 def find_validation_loss(keys: Iterable[str]) -> Optional[str]:
     """The logged key that holds the validation loss, if any (``val_loss``, ``val/loss``, ``valid_loss``, ...)."""
-    return _pick(keys, VALIDATION_LOSS_NAMES, lambda t: bool(_VAL_TOKENS & set(t)) and ("loss" in t or "nll" in t))
+    return _logged_key(keys, VALIDATION_LOSS_NAMES, lambda t: bool(_VAL_TOKENS & set(t)) and ("loss" in t or "nll" in t))
 
 
 def find_validation_accuracy(keys: Iterable[str]) -> Optional[str]:
-    return _pick(keys, VALIDATION_ACCURACY_NAMES,
+    return _logged_key(keys, VALIDATION_ACCURACY_NAMES,
                  lambda t: bool(_VAL_TOKENS & set(t)) and bool({"acc", "accuracy"} & set(t)))
 
 
 def find_training_loss_epoch(keys: Iterable[str]) -> Optional[str]:
     """The logged epoch-aggregated training loss (``train_loss_epoch``, ``train/loss_epoch``, ...), if any."""
-    return _pick(keys, TRAINING_LOSS_EPOCH_NAMES,
+    return _logged_key(keys, TRAINING_LOSS_EPOCH_NAMES,
                  lambda t: t[-1:] == ["epoch"] and "loss" in t and not (_VAL_TOKENS | {"test"}) & set(t)
                  and (bool(_TRAIN_TOKENS & set(t)) or t == ["loss", "epoch"]))
 
@@ -111,7 +100,7 @@ CHANCE_CONSISTENT_RATIO = (0.75, 1.5)
 
 
 def inferred_chance_level(num_classes: Optional[int], first_loss: Optional[float]) -> Optional[float]:
-    if not num_classes or num_classes < 2 or not _finite(first_loss):
+    if not num_classes or num_classes < 2 or not finite_number(first_loss):
         return None
     chance = math.log(num_classes)
     low, high = CHANCE_CONSISTENT_RATIO
@@ -121,6 +110,13 @@ def inferred_chance_level(num_classes: Optional[int], first_loss: Optional[float
 # Verdicts of other monitors that already explain a stalled loss: the learning rate or a bug, not capacity.
 STALL_EXPLAINED_BY = ("lr_too_high", "lr_too_low", "suspected_code_bug", "nonfinite_loss", "loss_diverging",
                       "loss_oscillating")
+
+
+def stall_explained_by(has_warning: Callable[[str], bool]) -> List[str]:
+    """The codes among ``STALL_EXPLAINED_BY`` that another monitor has raised as a warning (``has_warning(code)``)."""
+    return [code for code in STALL_EXPLAINED_BY if has_warning(code)]
+
+
 PROBE_BLAMES = ("lr_too_high", "lr_too_low", "suspected_code_bug", "dead_units", "saturated_activations", "bad_initialization")
 
 
@@ -171,18 +167,18 @@ def _stall(history: FitHistory) -> Optional[Evidence]:
         return None
     window = history.since(start)
     before_train = history.best_train_before(start)
-    now_train = min((r.train for r in window if _finite(r.train)), default=math.nan)
-    if not (_finite(before_train) and _finite(now_train)) or before_train <= 0:
+    now_train = min((r.train for r in window if finite_number(r.train)), default=math.nan)
+    if not (finite_number(before_train) and finite_number(now_train)) or before_train <= 0:
         return None
     train_gain = (before_train - now_train) / abs(before_train)
     if train_gain >= STALL_RELATIVE_IMPROVEMENT:
         return None
     evidence: Evidence = {"window_evaluations": len(window), "window_epochs": window[-1].epoch - window[0].epoch,
                           "train_relative_improvement": _r(train_gain)}
-    if any(_finite(r.val) for r in window):
+    if any(finite_number(r.val) for r in window):
         before_val = history.best_val_before(start)
-        now_val = min(history.badness(r.val) for r in window if _finite(r.val))
-        if _finite(before_val) and before_val != 0:
+        now_val = min(history.badness(r.val) for r in window if finite_number(r.val))
+        if finite_number(before_val) and before_val != 0:
             val_gain = (before_val - now_val) / abs(before_val)
             if val_gain >= STALL_RELATIVE_IMPROVEMENT:
                 return None
@@ -193,11 +189,11 @@ def _stall(history: FitHistory) -> Optional[Evidence]:
 def underfitting(history: FitHistory, reference: Optional[Reference], comparable: bool, has_validation: bool,
                  explained_by: Sequence[str] = (), probe_verdict: Optional[str] = None,
                  loss_stalled: Optional[bool] = None, metric: str = "val_loss",
-                 parameters_per_sample: Optional[float] = None) -> Optional[FitVerdict]:
+                 parameters_per_sample: Optional[float] = None) -> Optional[Verdict]:
     """The training loss stopped improving while still high, validation is about the same, and neither the learning
     rate nor a bug explains it. ``has_validation=False``: judged from the training loss alone (a hint at most)."""
     last = history.last
-    if last is None or reference is None or reference.value <= 0 or not _finite(last.train):
+    if last is None or reference is None or reference.value <= 0 or not finite_number(last.train):
         return None
     if explained_by or probe_verdict in PROBE_BLAMES or loss_stalled is False:
         return None
@@ -205,34 +201,34 @@ def underfitting(history: FitHistory, reference: Optional[Reference], comparable
     if stall is None:
         return None
     train = last.train
-    val = last.val if (has_validation and comparable and _finite(last.val)) else math.nan
-    level = min(train, val) if _finite(val) else train
+    val = last.val if (has_validation and comparable and finite_number(last.val)) else math.nan
+    level = min(train, val) if finite_number(val) else train
     fraction = level / reference.value
     if fraction < UNDERFIT_HINT_FRACTION:
         return None
     evidence: Evidence = {"train_loss": _r(train), "reference_loss": _r(reference.value),
                           "reference": reference.kind, "fraction_of_reference": _r(fraction),
                           "epoch": last.epoch, "evaluations": history.count, **stall}
-    if _finite(val):
+    if finite_number(val):
         gap = val - train
         evidence.update({"val_loss": _r(val), "generalization_gap": _r(gap), "relative_gap": _r(gap / train)})
         if gap > UNDERFIT_GAP_TOLERANCE * train:
             return None  # validation far above training: variance, not (only) bias
-    if _finite(last.accuracy):
+    if finite_number(last.accuracy):
         evidence["val_accuracy"] = _r(last.accuracy)
     if probe_verdict:
         evidence["probe_verdict"] = probe_verdict
-    if _finite(parameters_per_sample):
+    if finite_number(parameters_per_sample):
         evidence["parameters_per_sample"] = _r(parameters_per_sample)
-    enough_capacity = _finite(parameters_per_sample) and parameters_per_sample >= CAPACITY_PARAMETERS_PER_SAMPLE
-    strong = (fraction >= UNDERFIT_HIGH_FRACTION and reference.trusted and has_validation and _finite(val)
+    enough_capacity = finite_number(parameters_per_sample) and parameters_per_sample >= CAPACITY_PARAMETERS_PER_SAMPLE
+    strong = (fraction >= UNDERFIT_HIGH_FRACTION and reference.trusted and has_validation and finite_number(val)
               and not enough_capacity)
     severity = None if strong else "info"
     what = ("the chance level" if reference.kind == "chance_level" else "the first training loss")
     message = (f"The training loss has stopped improving at {train:.4g} ({fraction:.0%} of {what}, "
                f"{reference.value:.4g}; < {STALL_RELATIVE_IMPROVEMENT:.0%} better over the last "
                f"{stall['window_evaluations']} evaluations)")
-    if _finite(val):
+    if finite_number(val):
         message += f" and the validation loss is about the same ({val:.4g}, {metric})"
     else:
         message += " (no validation metric to compare with)"
@@ -247,7 +243,7 @@ def underfitting(history: FitHistory, reference: Optional[Reference], comparable
     elif not strong:
         advice += (" (A hint: without a known chance level, a validation loss to compare with, or above "
                    f"{UNDERFIT_HIGH_FRACTION:.0%} of it, this may also be the noise floor of the data.)")
-    return FitVerdict("underfitting", message, advice, evidence, severity)
+    return Verdict("underfitting", message, advice, evidence, severity)
 
 
 # ==== overfitting ==========================================================================================
@@ -297,7 +293,7 @@ def deterioration(history: FitHistory) -> Optional[Deterioration]:
         return None
     if last.epoch - best.epoch < OVERFIT_MIN_EPOCHS_SINCE_BEST and since < OVERFIT_ENOUGH_EVALUATIONS_SINCE_BEST:
         return None
-    tail = [r for r in list(history.recent)[-OVERFIT_SUSTAINED_EVALUATIONS:] if _finite(r.val)]
+    tail = [r for r in list(history.recent)[-OVERFIT_SUSTAINED_EVALUATIONS:] if finite_number(r.val)]
     if len(tail) < OVERFIT_SUSTAINED_EVALUATIONS:
         return None
     best_badness = history.badness(best.val)
@@ -311,19 +307,19 @@ def deterioration(history: FitHistory) -> Optional[Deterioration]:
 
 def _train_fall(history: FitHistory) -> Optional[float]:
     best, last = history.best, history.last
-    if best is None or last is None or not (_finite(best.train) and _finite(last.train)) or best.train == 0:
+    if best is None or last is None or not (finite_number(best.train) and finite_number(last.train)) or best.train == 0:
         return None
     return (history.train_badness(best.train) - history.train_badness(last.train)) / abs(best.train)
 
 
 def overfitting(history: FitHistory, reference: Optional[Reference], metric: str, callbacks_hint: str,
-                comparable: bool = True) -> Optional[FitVerdict]:
+                comparable: bool = True) -> Optional[Verdict]:
     """The validation loss rose over several evaluations while the training loss kept falling."""
     d = deterioration(history)
     fall = _train_fall(history)
     if d is None or fall is None or fall < OVERFIT_TRAIN_FALL or d.generalization_loss < OVERFIT_GL_HINT:
         return None
-    if not _finite(d.noise) or d.rise < OVERFIT_NOISE_FACTOR * d.noise:
+    if not finite_number(d.noise) or d.rise < OVERFIT_NOISE_FACTOR * d.noise:
         return None  # (the noise needs 5 evaluations: none of the first four can show overfitting)
     best, last = history.best, history.last
     material = reference is not None and d.rise >= OVERFIT_MIN_RISE_OF_REFERENCE * reference.value
@@ -334,20 +330,25 @@ def overfitting(history: FitHistory, reference: Optional[Reference], metric: str
         "evaluations_since_best": d.evaluations_since_best, "train_at_best": _r(best.train),
         "current_train": _r(last.train), "train_relative_fall": _r(fall),
     }
-    if comparable and _finite(last.train):
+    if comparable and finite_number(last.train):
         evidence["generalization_gap"] = _r(last.val - last.train)
         evidence["gap_at_best"] = _r(best.val - best.train)
-    if _finite(d.noise):
+    if finite_number(d.noise):
         evidence["val_noise"] = _r(d.noise)
-    if _finite(best.accuracy) and _finite(last.accuracy):
+    if finite_number(best.accuracy) and finite_number(last.accuracy):
         evidence.update({"val_accuracy_at_best": _r(best.accuracy), "current_val_accuracy": _r(last.accuracy)})
     message = (f"{metric} is {d.generalization_loss:.0f}% worse than its best ({best.val:.4g} at epoch {best.epoch}; "
                f"now {last.val:.4g}, {d.evaluations_since_best} evaluations later) while the training loss fell "
                f"{fall:.0%} ({best.train:.4g} -> {last.train:.4g}): the model is overfitting.")
     if not strong:
         message = message.replace("the model is overfitting", "the model starts to overfit (Prechelt GL5)")
-    return FitVerdict("overfitting", message, OVERFIT_ADVICE.format(epoch=best.epoch, callbacks=callbacks_hint),
+    return Verdict("overfitting", message, OVERFIT_ADVICE.format(epoch=best.epoch, callbacks=callbacks_hint),
                       evidence, None if strong else "info")
+
+
+def clearly_overfit(verdict: Optional[Verdict]) -> bool:
+    """Whether :func:`overfitting` said more than a hint (its warning holds): the run is clearly past its best."""
+    return verdict is not None and verdict.code == "overfitting" and verdict.severity is None
 
 
 # ==== early_stop_suggested =================================================================================
@@ -365,7 +366,7 @@ def early_stop_lines(metric: str, mode: str, patience: int) -> Dict[str, str]:
 
 def early_stop_suggested(history: FitHistory, metric: str, mode: str, patience: int,
                          user_early_stopping_patience: Optional[int], user_has_checkpoint: bool,
-                         clearly_past: bool) -> Optional[FitVerdict]:
+                         clearly_past: bool) -> Optional[Verdict]:
     """The best evaluation is ``patience`` or more evaluations behind the current one."""
     best, last = history.best, history.last
     since = history.evaluations_since_best
@@ -396,12 +397,12 @@ def early_stop_suggested(history: FitHistory, metric: str, mode: str, patience: 
                       + ("" if user_has_checkpoint else f", and add {lines['checkpoint']}") + ".")
     advice += " " + DOUBLE_DESCENT_NOTE
     severity = "warning" if clearly_past and user_early_stopping_patience is None else None
-    return FitVerdict("early_stop_suggested", message, advice, evidence, severity)
+    return Verdict("early_stop_suggested", message, advice, evidence, severity)
 
 
 # ==== no validation metric =================================================================================
 def no_validation_metric(available: Sequence[str], monitor: Optional[str], validation_ran: bool,
-                         epoch: int) -> FitVerdict:
+                         epoch: int) -> Verdict:
     keys = ", ".join(sorted(available)[:20]) or "none"
     if monitor is not None:
         message = f"The validation metric {monitor!r} was not logged (logged metrics: {keys})."
@@ -414,4 +415,4 @@ def no_validation_metric(available: Sequence[str], monitor: Optional[str], valid
         message = f"No validation has run by the end of epoch {epoch}: underfitting is judged from the training loss alone."
         advice = ("Pass a validation DataLoader to trainer.fit(model, train_loader, val_loader) and log "
                   "self.log(\"val_loss\", loss) in validation_step: overfitting and early stopping need it.")
-    return FitVerdict("no_validation_metric", message, advice, {"monitor": monitor or "auto", "logged": keys[:500]})
+    return Verdict("no_validation_metric", message, advice, {"monitor": monitor or "auto", "logged": keys[:500]})

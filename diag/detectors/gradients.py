@@ -1,7 +1,7 @@
 """Rules on gradient statistics: exploding, vanishing, missing gradients, zig-zag updates, high gradient noise.
 
 Each rule takes plain numbers (computed by :mod:`diag.stats.gradients` / :mod:`diag.stats.noise_scale`) and
-returns a :class:`Diagnosis` or ``None``. Thresholds are named constants with their source or the measurement
+returns a :class:`~diag.detectors.Verdict` or ``None``. Thresholds are named constants with their source or the measurement
 that justifies them; "measured" figures are from the runs in ``tests/test_gradients.py`` (digits MLPs, spirals,
 synthetic regression), quoted as healthy value vs fault value.
 """
@@ -9,19 +9,11 @@ synthetic regression), quoted as healthy value vs fault value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
+from diag.detectors import Verdict
+
 Number = Union[int, float, str]
-
-
-@dataclass
-class Diagnosis:
-    message: str
-    advice: str
-    evidence: Dict[str, Number] = field(default_factory=dict)
-    severity: Optional[str] = None  # None: the catalogue's severity
-    layer: Optional[str] = None
 
 
 def _fmt(x: float) -> str:
@@ -44,7 +36,7 @@ EXPLODE_ADVICE = ("Clip gradients (Trainer(gradient_clip_val=1.0)), lower the le
 
 
 def exploding_gradients(early_log10_norm: float, recent_log10_norms: Sequence[float],
-                        loss_progress: Optional[float]) -> Optional[Diagnosis]:
+                        loss_progress: Optional[float]) -> Optional[Verdict]:
     """Gradient norms far above their early level (or non-finite) on each of the last few sampled steps, while the loss
     is not improving (growth alone is allowed: see EXPLODE_LOSS_IMPROVING)."""
     recent = list(recent_log10_norms)
@@ -56,7 +48,8 @@ def exploding_gradients(early_log10_norm: float, recent_log10_norms: Sequence[fl
                 not improving and all(v - early_log10_norm >= EXPLODE_GROWTH_DECADES for v in last))):
             now = last[-1]
             growth = "to non-finite values" if nonfinite else f"{10 ** (now - early_log10_norm):.3g}x"
-            return Diagnosis(
+            return Verdict(
+                "exploding_gradients",
                 message=(f"The total gradient norm grew {growth} over its early level "
                          f"({_fmt(10 ** early_log10_norm)}) and stayed there for the last {EXPLODE_PERSISTENCE} "
                          f"sampled steps (now {_fmt(10 ** now) if math.isfinite(now) else now})."),
@@ -78,13 +71,14 @@ VANISH_ADVICE = ("Use ReLU-family activations with He (Kaiming) initialization o
 
 
 def vanishing_gradients(depth_log10_ratio: float, depth_samples: int, min_samples: int, stalled: Optional[bool],
-                        first_layer: str, last_layer: str) -> Optional[Diagnosis]:
+                        first_layer: str, last_layer: str) -> Optional[Verdict]:
     if depth_samples < min_samples or not math.isfinite(depth_log10_ratio):
         return None
     if depth_log10_ratio >= math.log10(VANISH_DEPTH_RATIO) or not stalled:
         return None
     r = 10 ** depth_log10_ratio
-    return Diagnosis(
+    return Verdict(
+        "vanishing_gradients",
         message=(f"The first layer ({first_layer}) gets {_fmt(r)}x the gradient norm of the last layer ({last_layer}) "
                  f"over {depth_samples} sampled steps, and the training loss is not improving."),
         advice=VANISH_ADVICE,
@@ -105,16 +99,23 @@ ZERO_GRAD_ADVICE = ("Gradients that exist but are exactly zero come from a graph
                     "(dead ReLUs upstream). Check the forward pass of these layers; freeze them if that is intended.")
 
 
-def missing_gradients(layer: str, none_params: List[str], zero_params: List[str], samples: int) -> Optional[Diagnosis]:
-    if samples < MISSING_MIN_SAMPLES or not (none_params or zero_params):
+def missing_gradients_applies(samples: int) -> bool:
+    """Whether a parameter expected on ``samples`` sampled optimizer steps has been watched long enough to be judged."""
+    return samples >= MISSING_MIN_SAMPLES
+
+
+def missing_gradients(layer: str, none_params: List[str], zero_params: List[str], samples: int) -> Optional[Verdict]:
+    if not missing_gradients_applies(samples) or not (none_params or zero_params):
         return None
     if none_params:
-        return Diagnosis(
+        return Verdict(
+            "missing_gradients",
             message=(f"Trainable parameters of {layer} ({', '.join(none_params)}) never received a gradient "
                      f"(.grad is None on all {samples} sampled optimizer steps)."),
             advice=MISSING_ADVICE, layer=layer,
             evidence={"parameters": ", ".join(none_params + zero_params), "samples": samples, "kind": "none"})
-    return Diagnosis(
+    return Verdict(
+        "missing_gradients",
         message=(f"Trainable parameters of {layer} ({', '.join(zero_params)}) get an exactly zero gradient on all "
                  f"{samples} sampled optimizer steps."),
         advice=ZERO_GRAD_ADVICE, layer=layer, severity="warning",
@@ -138,7 +139,7 @@ ZIGZAG_ADVICE = ("Use momentum (SGD(momentum=0.9)) or Adam, which average out th
 
 
 def zigzag_updates(cosine_ema: float, pairs: int, progress: Optional[float], stalled: Optional[bool],
-                   worst_layer: Optional[str], worst_cosine: float) -> Optional[Diagnosis]:
+                   worst_layer: Optional[str], worst_cosine: float) -> Optional[Verdict]:
     if pairs < ZIGZAG_MIN_PAIRS or not math.isfinite(cosine_ema) or cosine_ema > ZIGZAG_COSINE:
         return None
     slow = bool(stalled) or (progress is not None and math.isfinite(progress) and progress < ZIGZAG_MAX_PROGRESS)
@@ -149,7 +150,8 @@ def zigzag_updates(cosine_ema: float, pairs: int, progress: Optional[float], sta
         evidence["loss_relative_progress"] = progress
     if worst_layer is not None:
         evidence["worst_layer"], evidence["worst_layer_cosine"] = worst_layer, worst_cosine
-    return Diagnosis(
+    return Verdict(
+        "zigzag_updates",
         message=(f"Consecutive updates point in opposite directions (cosine {_fmt(cosine_ema)} averaged over {pairs} "
                  f"pairs of steps) while the loss improves slowly: the optimizer bounces across a steep valley."),
         advice=ZIGZAG_ADVICE, evidence=evidence)
@@ -174,19 +176,27 @@ NOISE_LOSS_STILL_HIGH = 0.5
 # on digits/spirals gives ≥ 500x or an unresolvable |G|². We warn only for batches below this size, where the noise is
 # intrinsic to the batch; larger batches get the info hint.
 NOISE_WARNING_MAX_BATCH = 16
+
+
+def noise_can_warn(batch_size: int) -> bool:
+    """Whether gradient noise at this batch size can be a warning (below ``NOISE_WARNING_MAX_BATCH``), not only a hint:
+    the monitor takes its costly estimate less often where it cannot."""
+    return batch_size < NOISE_WARNING_MAX_BATCH
+
+
 NOISE_ADVICE = ("Gradient noise dominates each step. Use a larger batch (batch_size about {suggest}, or "
                 "Trainer(accumulate_grad_batches={accum})), SGD momentum (0.9) or Adam to average the noise, or a "
                 "lower learning rate.")
 
 
 def high_gradient_noise(noise_scale: float, batch_size: int, estimates: int, stalled: Optional[bool],
-                        progress: Optional[float], loss_fraction_of_initial: Optional[float]) -> Optional[Diagnosis]:
+                        progress: Optional[float], loss_fraction_of_initial: Optional[float]) -> Optional[Verdict]:
     """B_simple (recent window) many times the batch size; a warning only while the loss is stuck high."""
     if estimates < NOISE_WINDOW or batch_size <= 0 or not noise_scale > NOISE_FACTOR * batch_size:
         return None
     slow = bool(stalled) or (progress is not None and math.isfinite(progress) and progress < NOISE_MAX_PROGRESS)
     high = loss_fraction_of_initial is not None and loss_fraction_of_initial > NOISE_LOSS_STILL_HIGH
-    severity = "warning" if slow and high and batch_size < NOISE_WARNING_MAX_BATCH else "info"
+    severity = "warning" if slow and high and noise_can_warn(batch_size) else "info"
     finite = math.isfinite(noise_scale)
     shown = f"about {noise_scale:.0f}" if finite else "beyond measurement (|G|² indistinguishable from 0)"
     times = f"{noise_scale / batch_size:.3g}x" if finite else "many times"
@@ -202,7 +212,8 @@ def high_gradient_noise(noise_scale: float, batch_size: int, estimates: int, sta
         evidence["loss_fraction_of_initial"] = loss_fraction_of_initial
     if progress is not None and math.isfinite(progress):
         evidence["loss_relative_progress"] = progress
-    return Diagnosis(
+    return Verdict(
+        "high_gradient_noise",
         message=(f"The gradient noise scale (critical batch size) is {shown}, {times} the batch size {batch_size} "
                  f"(mean of the last {estimates} estimates) {state}: each step's gradient is mostly noise."),
         advice=NOISE_ADVICE.format(suggest=suggest, accum=accum), severity=severity, evidence=evidence)
@@ -214,6 +225,12 @@ def high_gradient_noise(noise_scale: float, batch_size: int, estimates: int, sta
 STALL_PROGRESS = 0.05
 
 
+def own_loss_stalled(progress: float, since_start: float) -> bool:
+    """Stalled by the monitor's own loss samples: relative progress over the recent window and since the start both
+    below ``STALL_PROGRESS``."""
+    return progress < STALL_PROGRESS and since_start < STALL_PROGRESS
+
+
 # ---- tiny gradients / small updates (published, judged elsewhere) ----------------------------------------
 # Gradient norm relative to the weight norm below this is "tiny" (plateau / saddle evidence for the loss monitor).
 # Measured: healthy digits/spirals runs 3e-3…1e-1; a deep sigmoid net with tiny init 1e-6.
@@ -222,3 +239,18 @@ TINY_GRAD_TO_WEIGHT = 1e-4
 # Below the range the learning rate is likely too low: we only ask the learning-rate probe to check.
 UPDATE_RATIO_LOW = 1e-4
 UPDATE_RATIO_HIGH = 1e-1
+
+
+def gradients_tiny(log10_grad_to_weight: float) -> bool:
+    """Whether the gradient norm (log10 of its ratio to the weight norm) is tiny: what ``signals.GRAD_TINY`` says."""
+    return log10_grad_to_weight < math.log10(TINY_GRAD_TO_WEIGHT)
+
+
+def update_ratio_probe(log10_update_ratio: float) -> Optional[str]:
+    """The reason to ask the learning-rate probe, when the update-to-weight ratio (log10) is outside the accepted range;
+    else ``None``."""
+    if log10_update_ratio < math.log10(UPDATE_RATIO_LOW):
+        return "update_too_small"
+    if log10_update_ratio > math.log10(UPDATE_RATIO_HIGH):
+        return "update_too_large"
+    return None

@@ -1,7 +1,7 @@
 """Rules on the training-loss curve: non-finite, diverging (sustained or a burst), oscillating, plateau, unexpected
 initial loss; and when outputs that look like probabilities call for the probe.
 
-Each rule reads :class:`~diag.stats.loss.LossStatistics` and returns a :class:`LossVerdict` (or ``None``); the
+Each rule reads :class:`~diag.stats.loss.LossStatistics` and returns a :class:`~diag.detectors.Verdict` (or ``None``); the
 thresholds are named constants with their source. "Measured" figures come from 20 recorded runs on the 8x8
 digits / spirals (MLP, CNN+BatchNorm, deep tanh MLP, MSE regression; Adam/AdamW/SGD(+momentum); batch 4..32)
 and their faulty twins (SGD lr 3..1e4, Adam lr 0.05/0.1, raw 0..16 inputs, deep sigmoid net with tiny init,
@@ -10,22 +10,13 @@ last layer x100); window 50, EMA decay 0.95, checked every 10 steps.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Dict, Optional, Union
 
+from diag.detectors import Verdict
 from diag.stats.loss import LossStatistics, median
 
 Evidence = Dict[str, Union[float, int, str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossVerdict:
-    code: str
-    message: str
-    advice: str
-    evidence: Evidence
-    severity: Optional[str] = None  # None: the catalogue's usual severity
 
 
 def _r(x: Optional[float]) -> float:
@@ -38,15 +29,16 @@ NONFINITE_ADVICE = ("Lower the learning rate (try 1/10 of it) and clip gradients
                     "add an epsilon); with fp16 AMP keep the loss computation in float32.")
 
 
-def nonfinite_loss(value: float, step: int, stats: LossStatistics) -> LossVerdict:
+def nonfinite_loss(value: float, step: int, stats: LossStatistics) -> Verdict:
     kind = "NaN" if math.isnan(value) else "infinite"
-    return LossVerdict(
+    return Verdict(
         "nonfinite_loss",
         f"The training loss became {kind} at step {step} (last finite loss {stats.last!r}, smoothed "
         f"{_r(stats.smoothed)}).",
         NONFINITE_ADVICE,
         {"loss": str(value), "last_finite_loss": _r(stats.last), "smoothed_loss": _r(stats.smoothed),
          "finite_steps": stats.count, "nonfinite_steps": stats.nonfinite_count},
+        probe="nonfinite_loss",  # a too-high learning rate or a bug in the loss: the probe tells which
     )
 
 
@@ -68,7 +60,7 @@ DIVERGE_RISING_PROGRESS = -0.1
 
 
 def loss_diverging(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
-                   chance_level: Optional[float] = None) -> Optional[LossVerdict]:
+                   chance_level: Optional[float] = None) -> Optional[Verdict]:
     # The "original cost": the lower of the first loss and the median of the first few (robust to one odd first
     # batch, and still the loss at init when the run explodes within its first few steps).
     start, smoothed = stats.start, stats.smoothed
@@ -86,7 +78,7 @@ def loss_diverging(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
     progress = stats.relative_progress()
     rising = progress is not None and progress <= DIVERGE_RISING_PROGRESS
     severity = None if (chance_level is not None or rising) else "info"
-    return LossVerdict(
+    return Verdict(
         "loss_diverging",
         f"The smoothed training loss rose to {smoothed:.4g}, {smoothed / start:.3g}x its starting value {start:.4g} "
         f"(best so far {stats.best:.4g}).",
@@ -96,6 +88,7 @@ def loss_diverging(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
          "recent_median_loss": _r(recent), "ratio_to_start": _r(smoothed / start), "threshold_ratio": factor,
          "chance_level": _r(chance_level), "window_relative_progress": _r(progress)},
         severity,
+        probe="loss_diverging" if severity is None else None,  # an info-level rise does not spend the probe's budget
     )
 
 
@@ -110,7 +103,7 @@ def loss_diverging(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
 # the spike, decides. Without a chance level (regression, a second fit from trained weights whose start is tiny and
 # noisy) only the ``info``, no probe request.
 def loss_spike(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
-               chance_level: Optional[float] = None) -> Optional[LossVerdict]:
+               chance_level: Optional[float] = None) -> Optional[Verdict]:
     start, smoothed = stats.start, stats.smoothed
     if start is None or stats.initial is None or smoothed is None:
         return None
@@ -123,7 +116,7 @@ def loss_spike(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
     if smoothed <= limit:
         return None
     recent = stats.recent_level(DIVERGE_RECENT_STEPS)
-    return LossVerdict(
+    return Verdict(
         "loss_diverging",
         f"The smoothed training loss jumped to {smoothed:.4g}, {smoothed / start:.3g}x its starting value {start:.4g}, "
         f"by step {stats.count} (median of the last {min(DIVERGE_RECENT_STEPS, len(stats.window))} losses "
@@ -135,6 +128,7 @@ def loss_spike(stats: LossStatistics, factor: float = DIVERGE_FACTOR,
          "ratio_to_start": _r(smoothed / start), "threshold_ratio": factor, "chance_level": _r(chance_level),
          "steps_seen": stats.count, "transient": 1},
         "info",
+        probe="loss_spike" if chance_level is not None else None,
     )
 
 
@@ -165,7 +159,7 @@ def _thirds(stats: LossStatistics) -> Optional[tuple]:
     return median(values[:k]), median(values[k:2 * k]), median(values[2 * k:])
 
 
-def impossible_loss(stats: LossStatistics, chance_level: Optional[float] = None) -> Optional[LossVerdict]:
+def impossible_loss(stats: LossStatistics, chance_level: Optional[float] = None) -> Optional[Verdict]:
     """``suspected_code_bug`` when the loss is below what its objective can reach or falls without bound."""
     first, smoothed = stats.initial, stats.smoothed
     if first is None or smoothed is None or len(stats.window) < DIVERGE_RECENT_STEPS:
@@ -198,7 +192,7 @@ def impossible_loss(stats: LossStatistics, chance_level: Optional[float] = None)
                         "without bound has no minimum to find.")
     if not seen:
         return None
-    return LossVerdict(
+    return Verdict(
         "suspected_code_bug",
         seen,
         "The loss is being maximized or has no lower bound: check its sign (a stray minus, `-loss`, or a score such as "
@@ -250,11 +244,15 @@ def oscillation_evidence(stats: LossStatistics, swing_ratio: float = OSC_SWING_R
     return evidence
 
 
-def loss_oscillating(evidence: Evidence) -> LossVerdict:
+def loss_oscillating(evidence: Evidence, consecutive_checks: int = OSC_CONSECUTIVE_CHECKS) -> Optional[Verdict]:
+    """``evidence``: :func:`oscillation_evidence` of this check; ``consecutive_checks``: how many checks in a row
+    (this one included) showed the pattern. A warning asks the probe for a learning rate."""
+    if consecutive_checks < OSC_CONSECUTIVE_CHECKS:
+        return None
     # Without a chance level (regression, unknown loss) the run may have started from trained weights, whose
     # minibatch noise looks the same: an ``info`` only.
     severity = None if "chance_level" in evidence else "info"
-    return LossVerdict(
+    return Verdict(
         "loss_oscillating",
         f"The training loss swings by {evidence['median_step_swing']:.3g} from step to step around "
         f"{evidence['window_median_loss']:.3g} without net progress over the last {evidence['window']} steps "
@@ -263,6 +261,7 @@ def loss_oscillating(evidence: Evidence) -> LossVerdict:
         "the learning-rate probe, when attached, suggests a value.",
         evidence,
         severity,
+        probe="loss_oscillating" if severity is None else None,  # an info-level swing does not spend the probe's budget
     )
 
 
@@ -290,6 +289,11 @@ STALL_CONSECUTIVE_CHECKS = 2
 STALLED_SIGNAL_MAX_PROGRESS = 0.02
 
 
+def stalled_signal(progress: Optional[float]) -> bool:
+    """What the loss monitor publishes as ``signals.LOSS_STALLED`` (after its warm-up): almost no progress."""
+    return progress is not None and progress < STALLED_SIGNAL_MAX_PROGRESS
+
+
 def near_start(stats: LossStatistics, chance_level: Optional[float]) -> bool:
     """The window's median is still near the chance level (classifier) or, without one, near the start."""
     reference = chance_level if chance_level is not None else stats.start
@@ -303,8 +307,19 @@ def flat(stats: LossStatistics, max_progress: float = PLATEAU_MAX_PROGRESS) -> b
     return progress is not None and abs(progress) < max_progress
 
 
+def stalled_near_start(stats: LossStatistics, chance_level: Optional[float]) -> bool:
+    """One check's evidence of a stall worth a probe: flat by ``STALL_MAX_PROGRESS`` and still near the start/chance."""
+    return near_start(stats, chance_level) and flat(stats, STALL_MAX_PROGRESS)
+
+
+def stall_probe(consecutive_checks: int) -> Optional[str]:
+    """The probe request once :func:`stalled_near_start` held at ``STALL_CONSECUTIVE_CHECKS`` checks in a row (LR too
+    low or a code bug: the probe tells which); else ``None``."""
+    return "loss_stalled" if consecutive_checks >= STALL_CONSECUTIVE_CHECKS else None
+
+
 def loss_plateau(stats: LossStatistics, flat_steps: int, chance_level: Optional[float],
-                 gradients_tiny: Optional[bool]) -> Optional[LossVerdict]:
+                 gradients_tiny: Optional[bool]) -> Optional[Verdict]:
     """``flat_steps``: for how many steps the loss has been flat and near its start (counted by the caller)."""
     windows_needed = (PLATEAU_WINDOWS_WITH_TINY_GRADIENTS if gradients_tiny else PLATEAU_WINDOWS_WITHOUT_GRADIENTS)
     if flat_steps < windows_needed * stats.window_size:
@@ -315,7 +330,7 @@ def loss_plateau(stats: LossStatistics, flat_steps: int, chance_level: Optional[
     grads = {True: "gradients are tiny", False: "gradients are not tiny", None: "gradients not measured"}[gradients_tiny]
     where = (f"at or above the chance level ln C = {chance_level:.4g}" if chance_level is not None
              else f"near its start {stats.start:.4g}")
-    return LossVerdict(
+    return Verdict(
         "loss_plateau",
         f"The training loss has been flat at {level:.4g} for {flat_steps} steps, {where} ({grads}).",
         "Raise the learning rate (the probe, when attached, suggests a value) or use momentum/Adam to leave the "
@@ -339,9 +354,12 @@ def loss_plateau(stats: LossStatistics, flat_steps: int, chance_level: Optional[
 # its sweep tells the two apart (no learning rate fits a batch through the bounded loss). Cost: one probe in a fit
 # whose model outputs probabilities.
 def probabilities_to_probe(stats: LossStatistics, outputs_are_probabilities: bool,
-                           chance_level: Optional[float]) -> bool:
-    """A classifier (C known) whose first-batch outputs looked like probabilities, with some losses seen."""
-    return bool(outputs_are_probabilities) and chance_level is not None and stats.count > 0
+                           chance_level: Optional[float]) -> Optional[str]:
+    """The probe request for a classifier (C known) whose first-batch outputs looked like probabilities, with some
+    losses seen (softmax fed to cross-entropy, or a legitimate NLL: the probe tells which); else ``None``."""
+    if bool(outputs_are_probabilities) and chance_level is not None and stats.count > 0:
+        return "probability_outputs"
+    return None
 
 
 # ---- unexpected_initial_loss ------------------------------------------------------------------------------
@@ -357,7 +375,7 @@ INIT_SUMMED_TOLERANCE = 0.3
 
 
 def unexpected_initial_loss(first_loss: float, num_classes: int, batch_size: Optional[int], inferred: bool,
-                            ratio: float = INIT_LOSS_RATIO) -> Optional[LossVerdict]:
+                            ratio: float = INIT_LOSS_RATIO) -> Optional[Verdict]:
     if num_classes < 2 or not math.isfinite(first_loss):
         return None
     chance = math.log(num_classes)
@@ -366,7 +384,7 @@ def unexpected_initial_loss(first_loss: float, num_classes: int, batch_size: Opt
     if batch_size and batch_size > 1 and abs(first_loss / (batch_size * chance) - 1.0) < INIT_SUMMED_TOLERANCE:
         return None  # reduction="sum": about B x ln C, as expected
     how = "inferred from the output width and integer targets" if inferred else "given"
-    return LossVerdict(
+    return Verdict(
         "unexpected_initial_loss",
         f"The first training loss is {first_loss:.4g}, {first_loss / chance:.3g}x the chance level ln {num_classes} = "
         f"{chance:.4g} expected at initialization ({num_classes} classes, {how}).",

@@ -1,5 +1,8 @@
 """The learning-rate probe's verdict: learning rate too high, too low, a code bug, or fine.
 
+Every function returns a :class:`~diag.detectors.Verdict` (``lr_ok`` when the rate is fine: never reported); a verdict
+that names a rate carries it in ``suggested_lr``.
+
 Reads a :class:`diag.probe.ProbeResult` (per learning-rate factor: how far the loss on the fitted half of a
 frozen batch fell, how the held-out half moved; plus the zero-input baseline) and says what a senior engineer
 would say. Thresholds were set on the fault suite in ``tests/test_lr_probe.py`` (digits MLP/CNN, GRU on tokens,
@@ -12,6 +15,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
+from diag.detectors import Verdict
 from diag.probe import FactorResult, ProbeResult
 
 # A factor "fits" the batch when its steps remove at least half of the start loss (Karpathy's "overfit one
@@ -67,6 +71,12 @@ MIN_HELDOUT_SAMPLES = 8
 # loss 0.92). Then "nothing fits", "ignores the input" and "labels misaligned" are not called: the FitMonitor's
 # underfitting rule speaks for such a model.
 MEMORIZE_PARAMS_PER_SAMPLE = 2
+
+
+def capacity_limited(result: ProbeResult) -> bool:
+    return 0 < result.trainable_params < MEMORIZE_PARAMS_PER_SAMPLE * result.samples_fit
+
+
 # For such a model lr_too_low also needs the larger factor to lower the held-out half's loss by this share.
 LOW_LR_HELDOUT_GAIN = 0.1
 # Any other model: by this share (SGD at 1e-5 on a 4-class MLP: 1e4x lowers the held-out half by 4.3% in 30 steps).
@@ -92,21 +102,6 @@ def cross_entropy_floor_on_probabilities(classes: int) -> float:
 # SGD gets 1e-5 of the last layer's gradient in its first layer; no learning rate fits the batch in 30 steps and the
 # output barely depends on the input - a design problem that the gradient monitor names, not a code bug.
 VANISHING_GRAD_RATIO = 1e-3
-
-
-def capacity_limited(result: ProbeResult) -> bool:
-    return 0 < result.trainable_params < MEMORIZE_PARAMS_PER_SAMPLE * result.samples_fit
-
-
-@dataclasses.dataclass
-class Verdict:
-    code: str  # "lr_too_high" | "lr_too_low" | "suspected_code_bug" | "lr_ok"
-    message: str = ""
-    advice: str = ""
-    suggested_lr: float = math.nan
-    evidence: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    layer: Optional[str] = None
-    severity: Optional[str] = None  # None: the catalogue's usual severity
 
 
 def _pct(progress: float) -> str:
@@ -233,7 +228,24 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
             checks.append(item)
     message = "; ".join(seen).capitalize() + "."
     advice = "Check, in this order: " + "; ".join(f"({i}) {c}" for i, c in enumerate(checks, 1)) + "."
-    return Verdict("suspected_code_bug", message, advice, math.nan, ev)
+    return Verdict("suspected_code_bug", message, advice, ev)
+
+
+LOWER_ADVICE = ("Lower the learning rate from {lr:.3g} to about {suggested:.2g}{or_less} (or add warm-up to it); "
+                "gradient clipping (gradient_clip_val=1.0) guards against the occasional spike.")
+RAISE_ADVICE = ("Raise the learning rate from {lr:.3g} to about {suggested:.2g} (a learning-rate range test, "
+                "Smith 2017, narrows it down), or check that a scheduler has not shrunk it.")
+
+
+def _rate_verdict(code: str, lr: float, pick: FactorResult, current: FactorResult, steps: str, now: str, advice: str,
+                  or_less: str = "") -> Verdict:
+    """``code`` suggesting the rate at factor ``pick``: what ``pick`` did to the fixed batch (in ``steps``), what the
+    current rate did (``now``), and ``advice`` (a template of ``lr``, ``suggested`` and ``or_less``)."""
+    suggested = lr * pick.factor
+    message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)}{steps}; {now}; "
+               f"use about {suggested:.2g}{or_less}.")
+    return Verdict(code, message, advice.format(lr=lr, suggested=suggested, or_less=or_less),
+                   {"suggested_lr": suggested, "current_progress": current.progress}, suggested_lr=suggested)
 
 
 def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = ()) -> Verdict:
@@ -243,7 +255,7 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
         return bug
     current = result.current
     if current is None:
-        return Verdict("lr_ok")
+        return Verdict("lr_ok", "")
     smaller = [r for r in result.factors if r.factor < 1]
     larger = [r for r in result.factors if r.factor > 1]
     lr = result.base_lr
@@ -254,8 +266,6 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
     current_fails = fails(current, chance) or current.progress < STALL_PROGRESS or (
         current.progress < FIT_PROGRESS and bool(much_better))
     if current_fails and smaller_fit:
-        pick = _best_heldout(smaller_fit)
-        suggested = lr * pick.factor
         if current.diverged:
             now = "at the current one it diverges"
         elif heldout_blowup(current, chance) > HELDOUT_BLOWUP_RATIO:
@@ -263,12 +273,7 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
                    f"({heldout_blowup(current, chance):.3g}x)")
         else:
             now = f"at the current one it {_pct(current.progress)}"
-        message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)}; {now}; "
-                   f"use about {suggested:.2g}.")
-        advice = (f"Lower the learning rate from {lr:.3g} to about {suggested:.2g} (or add warm-up to it); "
-                  "gradient clipping (gradient_clip_val=1.0) guards against the occasional spike.")
-        return Verdict("lr_too_high", message, advice, suggested,
-                       {"suggested_lr": suggested, "current_progress": current.progress})
+        return _rate_verdict("lr_too_high", lr, _best_heldout(smaller_fit), current, "", now, LOWER_ADVICE)
 
     if current.diverged:
         # The current rate diverges on the batch outright while a smaller one lowers its loss without diverging: too high,
@@ -277,14 +282,8 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
         # held-out half. A healthy run's current rate never diverges on its batch (it removes >= 24%, see STALL_PROGRESS).
         calmer = [r for r in smaller if not r.diverged and r.progress >= STALL_PROGRESS]
         if calmer:
-            pick = _best_heldout(calmer)
-            suggested = lr * pick.factor
-            message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)}; at the current one it "
-                       f"diverges; use about {suggested:.2g} or less.")
-            advice = (f"Lower the learning rate from {lr:.3g} to about {suggested:.2g} or less (or add warm-up to it); "
-                      "gradient clipping (gradient_clip_val=1.0) guards against the occasional spike.")
-            return Verdict("lr_too_high", message, advice, suggested,
-                           {"suggested_lr": suggested, "current_progress": current.progress})
+            return _rate_verdict("lr_too_high", lr, _best_heldout(calmer), current, "",
+                                 "at the current one it diverges", LOWER_ADVICE, or_less=" or less")
 
     larger_fit = [r for r in larger if fits(r, chance, LOW_LARGER_PROGRESS)]
     if result.start_heldout_loss > 0:
@@ -299,14 +298,9 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
     if not fails(current, chance) and current.progress < STALL_PROGRESS and larger_fit and still_near_chance:
         # the smallest larger factor that makes real progress: one batch overstates the usable rate (no noise)
         pick = min(larger_fit, key=lambda r: r.factor)
-        suggested = lr * pick.factor
-        message = (f"At {_where(pick.factor)} the loss on a fixed batch {_pct(pick.progress)} in {result.steps} steps; "
-                   f"at the current one it {_pct(current.progress)}; use about {suggested:.2g}.")
-        advice = (f"Raise the learning rate from {lr:.3g} to about {suggested:.2g} (a learning-rate range test, "
-                  "Smith 2017, narrows it down), or check that a scheduler has not shrunk it.")
-        return Verdict("lr_too_low", message, advice, suggested,
-                       {"suggested_lr": suggested, "current_progress": current.progress})
-    return Verdict("lr_ok", suggested_lr=lr)
+        return _rate_verdict("lr_too_low", lr, pick, current, f" in {result.steps} steps",
+                             f"at the current one it {_pct(current.progress)}", RAISE_ADVICE)
+    return Verdict("lr_ok", "", suggested_lr=lr)
 
 
 # Training wrecked the weights: from the current ones no factor fits the batch, from an earlier snapshot one does.
@@ -341,9 +335,8 @@ def judge_wrecked(current: ProbeResult, earlier: ProbeResult, earlier_step: int,
     healthy steps than at init)."""
     second = judge(earlier, trained_steps=trained_steps, reasons=reasons)
     if second.code in ("lr_too_high", "lr_too_low"):
-        second.message = (second.message.rstrip(".") + f" (probed from the weights of step {earlier_step}: from the "
-                          "current ones no learning rate fits the batch).")
-        return second
+        return dataclasses.replace(second, message=second.message.rstrip(".") + f" (probed from the weights of step "
+                                   f"{earlier_step}: from the current ones no learning rate fits the batch).")
     chance = earlier.zero_input_start_loss
     if rate_only or second.code != "lr_ok" or not any(fits(r, chance) for r in earlier.factors):
         return None
@@ -359,8 +352,9 @@ def judge_wrecked(current: ProbeResult, earlier: ProbeResult, earlier_step: int,
     advice = (f"Lower the learning rate from {lr:.3g} to about {suggested:.2g} and restart from a checkpoint before step "
               f"{trained_steps or earlier_step} (or from scratch); add warm-up, and gradient clipping "
               "(gradient_clip_val=1.0).")
-    return Verdict("lr_too_high", message, advice, suggested,
-                   {"suggested_lr": suggested, "wrecked_since_step": earlier_step, "best_progress_now": best_now})
+    return Verdict("lr_too_high", message, advice,
+                   {"suggested_lr": suggested, "wrecked_since_step": earlier_step, "best_progress_now": best_now},
+                   suggested_lr=suggested)
 
 
 # ---- the fresh-initialization control ------------------------------------------------------------------------------
@@ -388,7 +382,7 @@ def _no_verdict(verdict: Verdict, why: str, advice: str, ev: Dict[str, Any]) -> 
     """An ``info`` ``probe_skipped``: what the first sweep saw, and why that is not enough for a code bug."""
     seen = verdict.message.rstrip(".")
     return Verdict("probe_skipped", f"No verdict: {seen[:1].lower()}{seen[1:]}; {why}.", f"{advice}: {verdict.advice}",
-                   math.nan, ev, severity="info")
+                   ev, severity="info")
 
 
 def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[ProbeResult], trained_steps: int,
@@ -415,7 +409,7 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
         note = (" A freshly initialized copy fails the same way (" + _best_fit_text(control) + ")"
                 + (f"; {len(kept)} module(s) without reset_parameters kept their weights: {', '.join(kept[:3])}"
                    if kept else "") + ": it is not the weights.")
-        return Verdict("suspected_code_bug", verdict.message.rstrip(".") + "." + note, verdict.advice, math.nan, ev)
+        return Verdict("suspected_code_bug", verdict.message.rstrip(".") + "." + note, verdict.advice, ev)
     if not _control_fits(control):
         # Neither: the fresh copy passes the code-bug rules without fitting the batch (an LSTM language model at 100x
         # a working rate, replayed from its start: no rate fits from its own init, best 4%; the fresh copy 48% at 1/10).
@@ -441,14 +435,14 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
             advice = ("Re-initialize: no negative bias init (zero or small positive biases), He/Kaiming init for ReLU "
                       "layers; or use LeakyReLU/GELU. If the units died during training, lower the learning rate "
                       f"(from {lr:.3g}) or add warm-up.")
-            return Verdict("dead_units", message, advice, math.nan, ev, layer=name)
+            return Verdict("dead_units", message, advice, ev, layer=name)
         message = (f"{share:.0%} of the units of {name} are saturated (stuck at their limits for every sample of the "
                    f"probe's batch)" + (f", also {others}" if others else "") + f" {since}: from these weights no "
                    f"learning rate fits a fixed batch, while a freshly initialized copy does ({fresh}).")
         advice = ("Re-initialize with smaller weights (Xavier/Glorot for tanh/sigmoid), normalize the inputs, or put "
                   "BatchNorm/LayerNorm before the activation; if it happened during training, lower the learning rate "
                   f"(from {lr:.3g}).")
-        return Verdict("saturated_activations", message, advice, math.nan, ev, layer=name)
+        return Verdict("saturated_activations", message, advice, ev, layer=name)
     if trained_steps > 0:
         # No dead or saturated units to show for it, and the fresh copy is not the user's own initialization: it may
         # only suit the batch better in the probe's 30 steps (a causal Transformer with labels one position off: the
@@ -466,7 +460,7 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
                "start of training; not a code bug.")
     advice = ("If training stays slow, try the layers' default initialization (or He/Kaiming for ReLU, Xavier/Glorot "
               "for tanh/sigmoid) with zero biases, and check custom init code for scale and sign.")
-    return Verdict("bad_initialization", message, advice, math.nan, ev, severity="info")
+    return Verdict("bad_initialization", message, advice, ev, severity="info")
 
 
 # ---- lr_too_low where the design explains the slow start ------------------------------------------------------------
@@ -524,4 +518,4 @@ def judge_collapse(verdict: Optional[Verdict], lr: float, initial_loss: float, b
                           "collapsed_by_step": step}
     if verdict is not None:
         ev["probe_verdict_from_snapshot"] = verdict.code
-    return Verdict("lr_too_high", message, advice, suggested, ev)
+    return Verdict("lr_too_high", message, advice, ev, suggested_lr=suggested)

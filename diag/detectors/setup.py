@@ -97,7 +97,7 @@ def adam_coupled_weight_decay(optimizer: torch.optim.Optimizer, layer: Optional[
               f"a larger value (AdamW's default is 1e-2). Exclude biases and normalization weights from decay.")
     evidence = {"optimizer": name, "weight_decay": decay, "lr": lr, "groups_with_coupled_decay": len(offending),
                 "param_groups": len(optimizer.param_groups)}
-    return Verdict("adam_coupled_weight_decay", "warning", message, advice, evidence, layer)
+    return Verdict("adam_coupled_weight_decay", message, advice, evidence, "warning", layer)
 
 
 # ---- sgd_without_momentum -------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def sgd_without_momentum(optimizer: torch.optim.Optimizer, symptom: Optional[str
     evidence = {"optimizer": "SGD", "momentum": 0.0, "lr": lr if lr is not None else "?", "groups_without_momentum": len(plain)}
     if symptom:
         evidence["symptom"] = symptom
-    return Verdict("sgd_without_momentum", "warning" if symptom else "info", message, advice, evidence, layer)
+    return Verdict("sgd_without_momentum", message, advice, evidence, "warning" if symptom else "info", layer)
 
 
 # ---- unusual_learning_rate (info) -----------------------------------------------------------------------
@@ -162,9 +162,9 @@ def unusual_learning_rate(optimizer: torch.optim.Optimizer, layer: Optional[str]
             target = 1e-3 if family == "Adam-type" else 0.01
             advice = (f"Unless this value was tuned, try about {fmt(target)} (then 3x steps up or down); the "
                       f"learning-rate probe and the loss monitor say whether it is too high or too low.")
-            return Verdict("unusual_learning_rate", "info", message, advice,
+            return Verdict("unusual_learning_rate", message, advice,
                            {"optimizer": name, "lr": lr, "usual_low": low * 10, "usual_high": high / 10,
-                            "param_group": i}, layer)
+                            "param_group": i}, "info", layer)
     return None
 
 
@@ -230,7 +230,7 @@ def batchnorm_small_batch(inputs: Sequence[NormInput], world_size: int = 1) -> O
               f"under DDP, nn.SyncBatchNorm.convert_sync_batchnorm(model) pools the statistics of all devices.")
     evidence = {"samples_per_batch": samples, "layers": len(layers), "first_layer": first.name,
                 "layer_type": first.module_type, "input_shape": "x".join(str(d) for d in first.shape)}
-    return Verdict("batchnorm_small_batch", severity, message, advice, evidence, None)
+    return Verdict("batchnorm_small_batch", message, advice, evidence, severity)
 
 
 # ---- batchnorm_on_sequence ------------------------------------------------------------------------------
@@ -289,4 +289,4 @@ def batchnorm_on_sequence(inputs: Sequence[NormInput], batch_size: Optional[int]
     evidence = {"layers": len(names), "first_layer": first.name, "input_shape": "x".join(str(d) for d in first.shape),
                 "batch_size": batch_size if batch_size else "?",
                 "evidence": token_inputs or sequence_layer or ""}
-    return Verdict("batchnorm_on_sequence", severity, message, advice, evidence, first.name)
+    return Verdict("batchnorm_on_sequence", message, advice, evidence, severity, first.name)

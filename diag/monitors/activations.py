@@ -19,6 +19,7 @@ from diag.detectors import activations as rules
 from diag.stats.activations import FeatureMoments, summaries_from, summary_table
 
 from .base import Monitor, Schedule, check_positive_int
+from .state import load_state, save_state
 
 # Layers whose input we measure (the note's "weight layer"): a per-feature mean, spread and sign.
 _WEIGHT_LAYERS: Tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase)
@@ -26,8 +27,6 @@ _WEIGHT_LAYERS: Tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBa
 _ACTIVATIONS = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU",
                           "Mish", "Softplus", "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Hardswish", "Softsign",
                           "LogSigmoid", "Tanhshrink", "Threshold"})
-# Activations whose output we measure: those that can die (exact zeros) or saturate.
-_MEASURED_ACTIVATIONS = frozenset(rules.DEAD_CAPABLE | set(rules.SATURATION_LIMITS)) - {"functional"}
 _NORMS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LayerNorm",
                     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "RMSNorm"})
 
@@ -50,13 +49,21 @@ class _Layer:
 
     def __init__(self, name: str, kind: str, module_type: str) -> None:
         self.name, self.kind, self.module_type = name, kind, module_type
-        limits = rules.SATURATION_LIMITS.get(module_type) if kind == "activation" else None
-        self.moments = FeatureMoments(saturation=limits, unit_share=rules.UNIT_SATURATED_SHARE)
+        self.moments = FeatureMoments(**rules.moment_settings(kind, module_type))
         self.data_facing = False
         self.normalized_in_front = False
         self.feeder: Optional[str] = None
         self.feeder_type: Optional[str] = None
         self.fed_by_module = False
+
+    STATE = ("kind", "module_type", "data_facing", "normalized_in_front", "feeder", "feeder_type", "fed_by_module",
+             "moments")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return save_state(self, self.STATE)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_state(self, self.STATE, state)
 
 
 class ActivationMonitor(Monitor):
@@ -92,6 +99,8 @@ class ActivationMonitor(Monitor):
         print([(f.code, f.layer) for f in trainer.callbacks[0].findings])
     """
 
+    STATE = ("_sampled_in_window", "_windows")  # checkpointed (see Monitor.STATE), and the layer records
+
     def __init__(self, interval: int = 10, window: int = 4, warmup: int = 0, max_backoff: int = 8) -> None:
         super().__init__()
         self.interval = check_positive_int("interval", interval)
@@ -125,7 +134,8 @@ class ActivationMonitor(Monitor):
                 role, type_name = "weight", type(module).__name__
             elif _kind_name(module, _ACTIVATIONS):
                 type_name = _kind_name(module, _ACTIVATIONS)
-                role = "activation" if type_name in _MEASURED_ACTIVATIONS else "order"
+                # the output is measured when it can die (exact zeros) or saturate
+                role = "activation" if rules.judged_activation(type_name) else "order"
             elif _kind_name(module, _NORMS):
                 role, type_name = "norm", _kind_name(module, _NORMS)
             else:
@@ -230,18 +240,15 @@ class ActivationMonitor(Monitor):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = int(trainer.global_step)
         if not self._is_sampled(step):
-            self._sleep_until_sampled(step)
             return
         if not self._plan:
             self._build_plan(pl_module)
         self._register()
-        self._rehire("on_before_backward")
         self._sampled_now = True
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._handles:
             self._remove()  # the forward is done: backward recomputation (checkpointing) must not count
-        self._retire("on_before_backward")  # until the next sampled step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._sampled_now:
@@ -251,13 +258,11 @@ class ActivationMonitor(Monitor):
         self._sampled_in_window += 1
         if self._sampled_in_window >= self.window:
             self._close_window()
-        self._sleep_until_sampled(int(trainer.global_step))  # (the step the next batch starts with)
 
-    def _sleep_until_sampled(self, step: int) -> None:
-        """Composed in Diagnostics: no batch hooks at all until the next sampled step at or after ``step``."""
+    def wants(self, step: int) -> Dict[str, float]:
+        """The batch hooks of the next sampled step only."""
         wake = self._schedule.next_due(step)
-        if wake > step:
-            self._sleep(("on_train_batch_start", "on_train_batch_end"), wake)
+        return {"on_train_batch_start": wake, "on_before_backward": wake, "on_train_batch_end": wake}
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._remove()
@@ -309,37 +314,20 @@ class ActivationMonitor(Monitor):
             scalars[f"diag/activation_std/{layer.name}"] = summary["std"]
             if layer.kind == "weight":
                 scalars[f"diag/fraction_positive_inputs/{layer.name}"] = summary["fraction_positive"]
-            if (layer.kind == "activation" and layer.module_type in rules.DEAD_CAPABLE) or (
-                    view.dead_from_input and not layer.data_facing):
+            if rules.dead_units_applies(view):
                 scalars[f"diag/dead_fraction/{layer.name}"] = summary["dead_fraction"]
-            if layer.kind == "activation" and layer.module_type in rules.SATURATION_LIMITS:
+            if rules.saturated_activations_applies(view):
                 scalars[f"diag/saturated_fraction/{layer.name}"] = summary["saturated_fraction"]
             for verdict in (rules.non_zero_centered(view, signs), rules.dead_units(view),
                             rules.saturated_activations(view, signs)):
-                if verdict is not None:
-                    self.report_verdict(verdict)
+                self.report_verdict(verdict)
         self.log_scalars({k: v for k, v in scalars.items() if v == v}, step)  # NaN-free
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _monitor_state(self) -> Dict[str, Any]:
-        return {
-            "sampled_in_window": self._sampled_in_window,
-            "windows": self._windows,
-            "layers": {name: {"kind": layer.kind, "module_type": layer.module_type, "data_facing": layer.data_facing,
-                              "normalized_in_front": layer.normalized_in_front, "feeder": layer.feeder,
-                              "feeder_type": layer.feeder_type,
-                              "fed_by_module": layer.fed_by_module, "moments": layer.moments.state_dict()}
-                       for name, layer in self._layers.items()},
-        }
+        return {**super()._monitor_state(), "layers": {name: layer.state_dict() for name, layer in self._layers.items()}}
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self._sampled_in_window = int(state.get("sampled_in_window", 0))
-        self._windows = int(state.get("windows", 0))
-        for name, saved in dict(state.get("layers", {})).items():
-            layer = self._layer(name, saved["kind"], saved["module_type"])
-            layer.data_facing = bool(saved.get("data_facing", False))
-            layer.normalized_in_front = bool(saved.get("normalized_in_front", False))
-            layer.feeder = saved.get("feeder")
-            layer.feeder_type = saved.get("feeder_type")
-            layer.fed_by_module = bool(saved.get("fed_by_module", False))
-            layer.moments.load_state_dict(saved["moments"])
+        super()._load_monitor_state(state)
+        for name, saved in dict(state.get("layers", {})).items():  # a layer record is built first, then loaded
+            self._layer(name, saved["kind"], saved["module_type"]).load_state_dict(saved)

@@ -11,13 +11,17 @@ import functools
 import logging
 import os
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from diag.codes import code_info
 from diag.context import DiagContext
+from diag.detectors import Verdict
 from diag.findings import Finding, Severity, clip_text
 from diag.sinks import ConsoleSink, JsonlSink
 from diag.stats.host_read import BatchedRead
+from diag.monitors.state import load_state, save_state
+
+from .router import NEVER, PER_STEP_HOOKS, SCHEDULED_HOOKS, Router  # noqa: F401 (NEVER: for the monitors' wants)
 
 
 log = logging.getLogger("diag")
@@ -112,7 +116,7 @@ def _guard(name: str, fn: Callable) -> Callable:
         result = None
         if outermost and duty_before:
             self._run_duty(name, "before", args, kwargs)
-        if not self._disabled:
+        if not self._disabled and name not in self._off_hooks:
             try:
                 result = fn(self, *args, **kwargs)
             except Exception as exc:  # never raised into the fit: see SPEC "Never breaks the user's fit"
@@ -165,6 +169,7 @@ class Monitor:
         self._findings_file: Optional[str] = None
         self._host_reads = BatchedRead()  # used when this monitor drives the steps (alone, or as Diagnostics)
         self._read_block: Optional[int] = None  # global step // READ_EVERY at the last read step
+        self._requested: set = set()  # reasons this monitor asked the probe for (see request_probe)
 
     # ---- identity ---------------------------------------------------------------------------------
     @property
@@ -206,24 +211,57 @@ class Monitor:
         self._context = context
         self._is_root = False
 
-    def _retire(self, hook: str) -> None:
-        """Stop receiving ``hook`` from a composing :class:`Diagnostics` for the rest of this fit, once the monitor has
-        nothing left to do in it (a monitor used alone keeps its early return). On a ~4 ms step every call of a
-        finished hook is a measurable cost: cold caches make even an early return cost microseconds."""
-        if self._owner is not None:
-            self._owner._route(self, hook, False)
+    # ---- schedule (see diag.monitors.router) ------------------------------------------------------
+    # A monitor woken between its steps when another asks for the learning-rate probe (the probe itself).
+    WAKES_ON_PROBE_REQUEST = False
+    # A monitor that acts on what the others measured in this batch: it gets ``on_train_batch_end`` after the batched
+    # host read of a read step (the probe acts on this step's requests).
+    ACTS_ON_REQUESTS = False
 
-    def _rehire(self, hook: str) -> None:
-        """Receive ``hook`` again after :meth:`_retire` (e.g. on the next sampled step)."""
-        if self._owner is not None:
-            self._owner._route(self, hook, True)
+    def wants(self, step: int) -> Mapping[str, float]:
+        """The per-step hooks this monitor uses on a schedule, each with the first global step (the step a training
+        batch starts with) from which it needs it again: ``step`` or less for the next batch, ``NEVER`` for the rest of
+        the fit. Asked after a batch, and again after each batch while a hook is needed, or once the earliest step has
+        come. Hooks left out are received on every call. The default: nothing scheduled."""
+        return {}
 
-    def _sleep(self, hooks: Any, until_step: int) -> None:
-        """Stop receiving ``hooks`` from a composing :class:`Diagnostics` until the global step reaches ``until_step``:
-        they come back at the end of the batch after which ``trainer.global_step >= until_step``, so the hooks of the
-        first batch of that step run. A monitor used alone keeps receiving them (and its early returns)."""
-        if self._owner is not None:
-            self._owner._sleep(self, hooks, until_step)
+    def _routed(self) -> List["Monitor"]:
+        """The monitors whose hooks this root routes: itself alone (:class:`Diagnostics` routes its monitors)."""
+        return [self]
+
+    def _build_router(self) -> None:
+        monitors = self._routed()
+        own = monitors == [self]
+        hooks = SCHEDULED_HOOKS if own else self._forwarded_hooks()
+        self._off_hooks = set()
+        self._router = Router(monitors, hooks, self._implements, self._show_own if own else self._show)
+        self._context.on_probe_request = self._router.wake_on_request
+
+    @staticmethod
+    def _implements(monitor: "Monitor", hook: str) -> bool:
+        """Whether a monitor class (not this base, nor a host's no-op ``Callback``) defines ``hook``."""
+        for cls in type(monitor).__mro__:
+            if hook in vars(cls):
+                return cls is not Monitor and issubclass(cls, Monitor)
+        return False
+
+    def _show_own(self, hook: str, on: bool) -> None:
+        """A monitor used alone: a hook routed off is skipped (per-step hooks are hidden from the host, which calls
+        only callable hook attributes; the others return at once, their base duties still run)."""
+        if on:
+            self._off_hooks.discard(hook)
+            if hook in PER_STEP_HOOKS and self.__dict__.get(hook, 0) is None:
+                del self.__dict__[hook]
+        else:
+            self._off_hooks.add(hook)
+            if hook in PER_STEP_HOOKS and hook not in self.__dict__:
+                self.__dict__[hook] = None
+
+    def _show(self, hook: str, on: bool) -> None:
+        """A root that forwards hooks (Diagnostics) hides those without receivers from the host."""
+
+    def _forwarded_hooks(self) -> Sequence[str]:
+        return SCHEDULED_HOOKS
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0
@@ -240,11 +278,25 @@ class Monitor:
                           evidence=dict(evidence or {}), layer=layer)
         return self._context.collector.report(finding, source=self.name)
 
-    def report_verdict(self, verdict: Any) -> Optional[Finding]:
-        """Raise what a rule in :mod:`diag.detectors` concluded (``code``, ``message``, ``advice``, ``evidence`` and,
-        where the rule sets them, ``layer`` and ``severity``; a missing severity is the catalogue's)."""
-        return self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=verdict.evidence,
-                           layer=getattr(verdict, "layer", None), severity=getattr(verdict, "severity", None))
+    def report_verdict(self, verdict: Optional[Verdict],
+                       extra: Optional[Mapping[str, Any]] = None) -> Optional[Finding]:
+        """Raise what a rule in :mod:`diag.detectors` concluded (nothing for ``None``), with ``extra`` evidence the
+        monitor adds; when the verdict asks for the learning-rate probe (``verdict.probe``), ask for it
+        (:meth:`request_probe`). Returns the finding when it is new (or more severe than before)."""
+        if verdict is None:
+            return None
+        evidence = {**verdict.evidence, **extra} if extra else verdict.evidence
+        finding = self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence,
+                              layer=verdict.layer, severity=verdict.severity)
+        if verdict.probe is not None:
+            self.request_probe(verdict.probe)
+        return finding
+
+    def request_probe(self, reason: str) -> None:
+        """Ask the learning-rate probe to run, at most once per reason and fit (its own budget limits it further)."""
+        if reason not in self._requested:
+            self._requested.add(reason)
+            self._context.request_probe(reason)
 
     def log_scalars(self, scalars: Mapping[str, float], step: Optional[int] = None) -> None:
         """Scalars named ``diag/...`` at ``step`` (default: the current global step), to TensorBoard or the logger's
@@ -315,6 +367,7 @@ class Monitor:
         return self._trainer is None or bool(getattr(self._trainer, "is_global_zero", True))
 
     # ---- failure ----------------------------------------------------------------------------------
+    _off_hooks: Any = frozenset()  # hooks routed off a monitor used alone (see _show_own)
     _host_known = False  # a hook got a Trainer (or diag.watch's stand-in for one): see _foreign_host
 
     def _foreign_host(self, hook: str, args: tuple) -> bool:
@@ -361,7 +414,10 @@ class Monitor:
         log.debug("lightning-diag: %s: the internal error in %s in full", self.name, hook, exc_info=exc)
 
     def _after_batch(self, step: int) -> None:
-        """The root's last duty of each training batch, with the global step after it (see Diagnostics)."""
+        """The root's last duty of each training batch, with the global step after it: the routing for the next."""
+        router = self.__dict__.get("_router")
+        if router is not None:
+            router.plan(step)
 
     def _release(self) -> None:
         """Release resources (forward hooks, copies). Called at teardown and when the monitor fails."""
@@ -379,6 +435,8 @@ class Monitor:
                 if self._fits:  # the same callback object in a new fit (a checkpoint's state is loaded after setup)
                     self._start_clean()
                 self._fits += 1
+                if self._is_root:
+                    self._build_router()
             if not self._is_root:
                 if when == "after" and hook == "teardown":
                     self._release()
@@ -483,12 +541,18 @@ class Monitor:
         if "monitor" in state_dict:
             self._load_monitor_state(state_dict["monitor"])
 
+    #: The attributes a checkpoint holds (see :mod:`diag.monitors.state`: each saved under its name without the leading
+    #: underscore, loaded back into the value the constructor built). A subclass adds to its parent's:
+    #: ``STATE = LossCurveMonitor.STATE + ("_mine",)``.
+    STATE: Tuple[str, ...] = ()
+
     def _monitor_state(self) -> Dict[str, Any]:
-        """The monitor's own statistics, O(layers); subclasses override together with :meth:`_load_monitor_state`."""
-        return {}
+        """The monitor's own statistics, O(layers): the attributes named in ``STATE``."""
+        return save_state(self, self.STATE)
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        pass
+        """Restore the attributes named in ``STATE``; one the checkpoint lacks keeps its constructor value."""
+        load_state(self, self.STATE, state)
 
 
 _guard_class(Monitor)

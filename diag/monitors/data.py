@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,11 +11,10 @@ from torch import nn
 from diag import signals
 from diag.batch import BatchParts, batch_parts
 from diag.detectors import data as rules
-from diag.detectors.setup import Verdict
 from diag.stats.data import (MAX_HASH_BYTES_PER_BATCH, DigestSet, FeatureMoments, LabelCounts, feature_axis,
                              sample_digests, summarize)
 
-from .base import Monitor, check_positive_int
+from .base import NEVER, Monitor, check_positive_int
 from .setup_check import hookable_modules
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -58,6 +57,8 @@ class DataMonitor(Monitor):
         trainer = pl.Trainer(callbacks=[DataMonitor(input_key="pixels", target_key="cls")])
         trainer.fit(model, train_loader, val_loader)
     """
+
+    STATE = ("_inputs_done", "_labels_done", "_overlap_done")  # checkpointed (see Monitor.STATE)
 
     def __init__(self, max_batches: int = 8, max_hashes: int = 100_000, input_key: Optional[Union[str, int]] = None,
                  target_key: Optional[Union[str, int]] = None,
@@ -105,8 +106,7 @@ class DataMonitor(Monitor):
         self._reset_run_state()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._epochs_seen > 0 or (self._inputs_done and self._labels_done and self._train_hashing_done):
-            self._retire("on_train_batch_start")  # nothing left to measure
+        if self._measured_all():
             return
         parts = self._parts(batch)
         if parts is None:
@@ -173,8 +173,15 @@ class DataMonitor(Monitor):
             self._raw_inputs = None
         if not self._inputs_done and self._input_batches >= self.max_batches:
             self._judge_inputs()
-        if not self._handles and (self._inputs_done or self._epochs_seen > 0):
-            self._retire("on_train_batch_end")
+
+    def _measured_all(self) -> bool:
+        return self._epochs_seen > 0 or (self._inputs_done and self._labels_done and self._train_hashing_done)
+
+    def wants(self, step: int) -> Dict[str, float]:
+        """Training batches until everything is measured (the first epoch at most)."""
+        return {"on_train_batch_start": NEVER if self._measured_all() else step,
+                "on_train_batch_end": NEVER if not self._handles and (self._inputs_done or self._epochs_seen > 0)
+                else step}
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._epochs_seen == 0:
@@ -222,11 +229,9 @@ class DataMonitor(Monitor):
         normalized_inside = None
         if self._first_layer is not None:
             name, first_summary, same = self._first_layer
-            if not same and first_summary is not None and rules.input_summary_figures(first_summary) is not None:
-                first = rules.inputs_not_normalized(first_summary)
-                if first is None or first.severity == "info":
-                    normalized_inside = name
-        self._raise(rules.inputs_not_normalized(summary, channels=channels, normalized_inside=normalized_inside))
+            if not same and first_summary is not None and rules.normalized_in_model(first_summary):
+                normalized_inside = name
+        self.report_verdict(rules.inputs_not_normalized(summary, channels=channels, normalized_inside=normalized_inside))
 
     def _judge_labels(self, pl_module: Any) -> None:
         self._labels_done = True
@@ -245,7 +250,7 @@ class DataMonitor(Monitor):
         weighted = any(isinstance(m, _WEIGHTED_LOSSES) and (getattr(m, "weight", None) is not None
                                                             or getattr(m, "pos_weight", None) is not None)
                        for m in pl_module.modules()) if isinstance(pl_module, nn.Module) else False
-        self._raise(rules.class_imbalance(counts, kind, confirmed, weighted))
+        self.report_verdict(rules.class_imbalance(counts, kind, confirmed, weighted))
 
     def _training_set_size(self) -> Optional[float]:
         """Training samples per epoch on this process (to scale the share up from the hashed part), if known."""
@@ -266,27 +271,15 @@ class DataMonitor(Monitor):
         if self._overlap_done or not self._val_complete or not len(self._train_digests):
             return
         total = self._training_set_size()
-        self._raise(rules.train_val_overlap(self._train_digests.counts, self._train_digests.samples,
-                                            self._val_digests.counts, total))
+        self.report_verdict(rules.train_val_overlap(self._train_digests.counts, self._train_digests.samples,
+                                                    self._val_digests.counts, total))
         if self._train_hashing_done:
             self._overlap_done = True
             self._train_digests.clear()
             self._val_digests.clear()
 
-    def _raise(self, verdict: Optional[Verdict]) -> None:
-        if verdict is not None:
-            self.report_verdict(verdict)
 
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def _monitor_state(self) -> Dict[str, Any]:
-        return {"inputs_done": self._inputs_done, "labels_done": self._labels_done, "overlap_done": self._overlap_done}
-
-    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self._inputs_done = bool(state.get("inputs_done", False))
-        self._labels_done = bool(state.get("labels_done", False))
-        self._overlap_done = bool(state.get("overlap_done", False))

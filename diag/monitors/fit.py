@@ -8,9 +8,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from diag import signals
+from diag.batch import loss_of, targets_of
 from diag.detectors import fit as rules
 from diag.findings import Severity
 from diag.stats.fit import ClassCountEstimator, Evaluation, FitHistory, RunningMean
+from diag.stats.numbers import finite_number
 
 from .base import Monitor, check_positive_int
 
@@ -18,32 +20,6 @@ NAN = float("nan")
 # Class count for the chance level ln C is read off the integer targets of the first few training batches
 # (one max per batch, kept on the device, one host sync when they are done).
 CLASS_INFERENCE_BATCHES = 8
-_TARGET_KEYS = ("y", "label", "labels", "target", "targets")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
-    if type(outputs) is dict:  # what Lightning hands over: checked first, the Mapping ABC check is slow per step
-        loss = outputs.get("loss")
-        return loss if isinstance(loss, torch.Tensor) else None
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
-        return outputs["loss"]
-    return None
-
-
-def _targets_of(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[-1]
-    if isinstance(batch, Mapping):
-        for key in _TARGET_KEYS:
-            if key in batch:
-                return batch[key]
-    return None
 
 
 def _metric(metrics: Mapping[str, Any], key: Optional[str]) -> Any:
@@ -100,6 +76,9 @@ class FitMonitor(Monitor):
         [f.code for f in trainer.callbacks[0].findings]  # e.g. ["overfitting", "early_stop_suggested"]
     """
 
+    STATE = ("history", "train_history", "_first_loss", "_num_classes", "_pending", "_evaluations_this_epoch",
+             "_validation_seen", "_val_key", "_accuracy_key", "_since_evaluation")  # checkpointed (see Monitor.STATE)
+
     def __init__(self, monitor: Optional[str] = None, mode: str = "min", train_monitor: Optional[str] = None,
                  patience: int = 5) -> None:
         super().__init__()
@@ -144,17 +123,17 @@ class FitMonitor(Monitor):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:  # a validation ran mid-epoch and training went on: its interval is complete
             self._close(trainer, at_epoch_end=False)
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         if loss is not None:
             if self._loss_scale != 1:
                 loss = loss * self._loss_scale
             self._since_evaluation.update(loss)
             if self.history.count == 0:  # the per-epoch training history serves runs without a validation metric
                 self._this_epoch.update(loss)
-            if self._first_loss_tensor is None and not _finite(self._first_loss):
+            if self._first_loss_tensor is None and not finite_number(self._first_loss):
                 self._first_loss_tensor = loss.detach().float().mean().clone()
         if self._num_classes is None and self._classes.batches < CLASS_INFERENCE_BATCHES:
-            self._classes.update(_targets_of(batch))
+            self._classes.update(targets_of(batch))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if getattr(trainer, "sanity_checking", False) or not self._fitting(trainer):
@@ -164,7 +143,7 @@ class FitMonitor(Monitor):
         if self._val_key is None or self._val_key not in metrics:
             self._val_key = self.monitor or rules.find_validation_loss(metrics)
         if self._val_key is None or self._val_key not in metrics:
-            self._raise(rules.no_validation_metric(list(metrics), self.monitor, True, self.epoch()))
+            self.report_verdict(rules.no_validation_metric(list(metrics), self.monitor, True, self.epoch()))
             return
         if self._accuracy_key is None:
             self._accuracy_key = rules.find_validation_accuracy(k for k in metrics if k != self._val_key)
@@ -191,14 +170,14 @@ class FitMonitor(Monitor):
 
         def use(values: List[float]) -> None:  # at the callback's read at the end of this epoch (one for all)
             train = values[0]
-            if not _finite(train):
+            if not finite_number(train):
                 train = self._reduce([values[1]])[0]
             self.train_history.update(epoch, step, train=train)
             if self._has_validation_metric():
                 return
             if not self._validation_seen and isinstance(every, int) and epoch + 1 >= every:
-                self._raise(rules.no_validation_metric(keys, self.monitor, False, epoch))
-            if _finite(train):
+                self.report_verdict(rules.no_validation_metric(keys, self.monitor, False, epoch))
+            if finite_number(train):
                 self.log_scalars({"diag/train_loss": train}, step)
             if self._context.collector.has("no_validation_metric"):
                 self._judge_training_only()
@@ -210,7 +189,7 @@ class FitMonitor(Monitor):
             self._close(trainer, at_epoch_end=False)
         if not self._validation_seen and not self._context.collector.has("no_validation_metric"):
             metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
-            self._raise(rules.no_validation_metric(list(metrics), self.monitor, False, self.epoch()))
+            self.report_verdict(rules.no_validation_metric(list(metrics), self.monitor, False, self.epoch()))
 
     # ---- evaluations ------------------------------------------------------------------------------
     def _fitting(self, trainer: Any) -> bool:
@@ -252,7 +231,7 @@ class FitMonitor(Monitor):
 
         def use(values: List[float]) -> None:
             train, train_source = values[0], source
-            if not _finite(train):
+            if not finite_number(train):
                 train, train_source = values[1], "training_step loss"
             self._resolve(values[2], values[3])
             reduced_val, reduced_train, reduced_accuracy = self._reduce([val, train, accuracy])
@@ -266,11 +245,11 @@ class FitMonitor(Monitor):
     def _log(self, record: Evaluation, step: Optional[int] = None) -> None:
         scalars: Dict[str, float] = {}
         if self.mode == "min":
-            if _finite(record.val):
+            if finite_number(record.val):
                 scalars["diag/val_loss"] = record.val
-            if _finite(record.train):
+            if finite_number(record.train):
                 scalars["diag/train_loss"] = record.train
-        if self._comparable() and _finite(record.val) and _finite(record.train):
+        if self._comparable() and finite_number(record.val) and finite_number(record.train):
             scalars["diag/generalization_gap"] = record.val - record.train
         if self.history.best is not None:
             scalars["diag/best_val_epoch"] = float(self.history.best.epoch)
@@ -293,9 +272,9 @@ class FitMonitor(Monitor):
         return first, classes
 
     def _resolve(self, first: float, largest_target: float) -> None:
-        if _finite(first):
+        if finite_number(first):
             self._first_loss = first
-        if self._num_classes is None and _finite(largest_target):
+        if self._num_classes is None and finite_number(largest_target):
             classes = int(largest_target) + 1
             self._num_classes = classes if classes >= 2 else None
 
@@ -307,14 +286,14 @@ class FitMonitor(Monitor):
 
     def _reference(self) -> Optional[rules.Reference]:
         chance = self._context.get(signals.LOSS_CHANCE_LEVEL)
-        if _finite(chance) and chance > 0:
+        if finite_number(chance) and chance > 0:
             return rules.Reference(float(chance), "chance_level")
         first = self._context.get(signals.LOSS_INITIAL)
-        first = float(first) if _finite(first) else self._first_loss
+        first = float(first) if finite_number(first) else self._first_loss
         inferred = rules.inferred_chance_level(self._num_classes, first)
         if inferred is not None:
             return rules.Reference(inferred, "chance_level")
-        return rules.Reference(first, "initial_loss") if _finite(first) and first > 0 else None
+        return rules.Reference(first, "initial_loss") if finite_number(first) and first > 0 else None
 
     def _parameters_per_sample(self) -> Optional[float]:
         """Trainable parameters per training sample (None when the sample count is unknown); computed once."""
@@ -338,7 +317,7 @@ class FitMonitor(Monitor):
 
     def _explained_by(self) -> List[str]:
         collector = self._context.collector
-        return [code for code in rules.STALL_EXPLAINED_BY if collector.has(code, Severity.WARNING)]
+        return rules.stall_explained_by(lambda code: collector.has(code, Severity.WARNING))
 
     def _user_callbacks(self) -> Tuple[Optional[int], bool]:
         callbacks = list(getattr(self._trainer, "callbacks", []) or [])
@@ -364,63 +343,33 @@ class FitMonitor(Monitor):
                 parameters_per_sample=self._parameters_per_sample())
             # (The probe is not asked about a stall: on a model too small to fit its probe batch it cannot tell
             # capacity from a bug. Its verdict is used when another monitor had it run.)
-            self._raise(under, extra={"train_source": self._train_source})
+            self.report_verdict(under, extra={"train_source": self._train_source})
         user_patience, user_checkpoint = self._user_callbacks()
         lines = rules.early_stop_lines(metric, self.mode, self.patience)
         hint = (("your EarlyStopping" if user_patience is not None else lines["early_stopping"]) + " + "
                 + ("your ModelCheckpoint" if user_checkpoint else lines["checkpoint"]))
         over = rules.overfitting(self.history, reference, metric, hint, self._comparable())
-        self._raise(over, extra={"train_source": self._train_source})
-        clearly_past = over is not None and over.severity is None
-        self._raise(rules.early_stop_suggested(self.history, metric, self.mode, self.patience, user_patience,
-                                               user_checkpoint, clearly_past))
+        self.report_verdict(over, extra={"train_source": self._train_source})
+        clearly_past = rules.clearly_overfit(over)
+        self.report_verdict(rules.early_stop_suggested(self.history, metric, self.mode, self.patience, user_patience,
+                                                       user_checkpoint, clearly_past))
 
     def _judge_training_only(self) -> None:
         self._resolve_first_loss()
         ctx = self._context
         stalled = ctx.get(signals.LOSS_STALLED)
-        self._raise(rules.underfitting(
+        self.report_verdict(rules.underfitting(
             self.train_history, self._reference(), comparable=False, has_validation=False,
             explained_by=self._explained_by(), probe_verdict=ctx.get(signals.PROBE_VERDICT),
             loss_stalled=stalled if isinstance(stalled, bool) else None,
             parameters_per_sample=self._parameters_per_sample()))
 
-    def _raise(self, verdict: Optional[rules.FitVerdict], extra: Optional[Mapping[str, Any]] = None) -> None:
-        if verdict is None:
-            return
-        evidence = {**verdict.evidence, **(extra or {})}
-        self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence, severity=verdict.severity)
-
     # ---- checkpoints ------------------------------------------------------------------------------
     def _monitor_state(self) -> Dict[str, Any]:
         if self._first_loss_tensor is not None:
-            self._resolve_first_loss()
-        mean = self._since_evaluation.mean_tensor()
-        return {
-            "history": self.history.state_dict(), "train_history": self.train_history.state_dict(),
-            "first_loss": self._first_loss, "num_classes": self._num_classes or 0,
-            "pending": list(self._pending) if self._pending is not None else [],
-            "evaluations_this_epoch": self._evaluations_this_epoch, "validation_seen": self._validation_seen,
-            "val_key": self._val_key or "", "accuracy_key": self._accuracy_key or "",
-            "since_evaluation": [float(mean.item()) if mean is not None else NAN, self._since_evaluation.count],
-        }
+            self._resolve_first_loss()  # (one host read, between steps)
+        return super()._monitor_state()
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self.history.load_state_dict(state.get("history", {}))
-        self.train_history.load_state_dict(state.get("train_history", {}))
-        self._first_loss = float(state.get("first_loss", NAN))
-        self._first_loss_tensor = None
-        self._num_classes = int(state.get("num_classes", 0)) or None
-        if self._num_classes is not None:
-            self._classes.batches = CLASS_INFERENCE_BATCHES
-        pending = list(state.get("pending", []))
-        self._pending = (float(pending[0]), float(pending[1]), int(pending[2]), int(pending[3])) if pending else None
-        self._evaluations_this_epoch = int(state.get("evaluations_this_epoch", 0))
-        self._validation_seen = bool(state.get("validation_seen", False))
-        self._val_key = state.get("val_key") or self.monitor
-        self._accuracy_key = state.get("accuracy_key") or None
-        mean, count = state.get("since_evaluation", [NAN, 0])
-        self._since_evaluation.reset()
-        if count and _finite(float(mean)):
-            self._since_evaluation.total = torch.tensor(float(mean) * int(count))
-            self._since_evaluation.count = int(count)
+        super()._load_monitor_state(state)
+        self._first_loss_tensor = None  # the first loss is the checkpoint's

@@ -2,76 +2,37 @@
 exploding / vanishing / missing gradients, zig-zag updates and high gradient noise.
 
 The Lightning glue only: which hook, which step. Statistics live in :mod:`diag.stats.gradients` and
-:mod:`diag.stats.noise_scale`, rules in :mod:`diag.detectors.gradients`.
+:mod:`diag.stats.noise_scale` (its extra pass on part of the batch in :mod:`diag.stats.noise_pass`), rules in
+:mod:`diag.detectors.gradients`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
-import random
 import statistics
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
 from diag import signals
-from diag.batch import dataclass_fields, is_dataclass_batch
+from diag.batch import batch_size, loss_of, take_samples
 from diag.detectors import gradients as rules
-from diag.stats.gradients import (EMA, LayerEMA, LayerGrouping, UpdateTracker, norms_and_dots, squared_norms,
+from diag.stats.gradients import (EMA, LayerEMA, LayerGrouping, UpdateTracker, squared_norms,
                                   stacked_norms, update_figures)
-from diag.probe import AttributeBindings
+from diag.stats.noise_pass import (MIN_SPLIT_BATCH, PartBatchRefused, part_batch_figures, part_size,
+                                   split_sq_norms)
 from diag.stats.noise_scale import GradientNoiseScale
 
-from .base import BACKOFF_AFTER, Monitor, Schedule, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
+from .base import BACKOFF_AFTER, NEVER, Monitor, Schedule, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
+from .state import load_state, save_state
 
 log = logging.getLogger("diag")
 
 EARLY_SAMPLES = 5  # sampled steps that define the "early" gradient level
-# The batch split needs a sample per part. (BatchNorm in training mode refuses a single sample per channel: then
-# the extra pass raises, and the estimate is switched off for the run.)
-MIN_SPLIT_BATCH = 2
 NOISE_RARE_FACTOR = 4  # noise estimates this many times rarer at batches where they can only be information
-QUARTER_SPLIT_MIN_BATCH = 16  # from this batch size on the extra pass takes a quarter of it (at least 4 samples)
 RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss monitor publishes it
-
-
-def _batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor in a (nested) batch, 0 if there is none."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 0
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            n = _batch_size(item)
-            if n:
-                return n
-    if isinstance(batch, dict):
-        for item in batch.values():
-            n = _batch_size(item)
-            if n:
-                return n
-    if is_dataclass_batch(batch):
-        return _batch_size(dataclass_fields(batch))
-    return 0
-
-
-def _slice_batch(batch: Any, size: int, keep: int) -> Any:
-    """The first ``keep`` samples of every tensor whose leading dimension is ``size`` (views, no copy)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice_batch(b, size, keep) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice_batch(b, size, keep) for b in batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, _slice_batch(v, size, keep)) for k, v in batch.items())
-    if is_dataclass_batch(batch):
-        init = {f.name: _slice_batch(getattr(batch, f.name), size, keep) for f in dataclasses.fields(batch) if f.init}
-        return dataclasses.replace(batch, **init)
-    return batch
 
 
 def _norm_view(grad: torch.Tensor) -> torch.Tensor:
@@ -84,17 +45,13 @@ def _norm_view(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _step_loss(output: Any) -> Optional[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        loss = output.get("loss")
-        return loss if isinstance(loss, torch.Tensor) else None
-    return None
-
-
 class _OptimizerState:
     """What the monitor tracks for one optimizer: its parameters grouped into layers and the running statistics."""
+
+    # checkpointed: the counts per parameter only into the same parameters (by name), the rest always
+    PER_PARAMETER = ("expected", "got", "had_grad")
+    STATE = PER_PARAMETER + ("early_log10_norms", "recent_log10_norms", "depth", "depth_layers", "cosine",
+                             "layer_cosine", "log_ratio", "grad_to_weight", "samples", "clip_checks", "clipped")
 
     def __init__(self, names: List[str], params: List[torch.nn.Parameter]) -> None:
         self.grouping = LayerGrouping(zip(names, params))
@@ -116,25 +73,11 @@ class _OptimizerState:
         self.clipped = 0
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"names": list(self.grouping.names), "expected": list(self.expected), "got": list(self.got),
-                "had_grad": list(self.had_grad), "early": list(self.early_log10_norms),
-                "recent": list(self.recent_log10_norms), "depth": self.depth.state_dict(),
-                "depth_layers": list(self.depth_layers), "cosine": self.cosine.state_dict(),
-                "layer_cosine": self.layer_cosine.state_dict(), "log_ratio": self.log_ratio.state_dict(),
-                "grad_to_weight": self.grad_to_weight.state_dict(), "samples": self.samples,
-                "clip_checks": self.clip_checks, "clipped": self.clipped}
+        return {"names": list(self.grouping.names), **save_state(self, self.STATE)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if list(state.get("names", [])) == self.grouping.names:
-            self.expected, self.got, self.had_grad = list(state["expected"]), list(state["got"]), list(state["had_grad"])
-        self.early_log10_norms = list(state.get("early", []))
-        self.recent_log10_norms.extend(state.get("recent", []))
-        for key in ("depth", "cosine", "layer_cosine", "log_ratio", "grad_to_weight"):
-            if key in state:
-                getattr(self, key).load_state_dict(state[key])
-        self.depth_layers = tuple(state.get("depth_layers", ("", "")))  # type: ignore[assignment]
-        self.samples = int(state.get("samples", 0))
-        self.clip_checks, self.clipped = int(state.get("clip_checks", 0)), int(state.get("clipped", 0))
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        same_parameters = list(state.get("names", [])) == self.grouping.names
+        load_state(self, self.STATE if same_parameters else self.STATE[len(self.PER_PARAMETER):], state)
 
 
 class GradientMonitor(Monitor):
@@ -180,6 +123,9 @@ class GradientMonitor(Monitor):
         print([f.code for f in trainer.callbacks[0].findings])
     """
 
+    STATE = ("_noise", "_noise_window", "_early_losses", "_loss_ema", "_recent_losses",
+             "_probe_requested")  # checkpointed (see Monitor.STATE), and each optimizer's (_OptimizerState.STATE)
+
     def __init__(self, interval: int = 20, warmup_steps: int = 5, noise_scale_interval: int = 25,
                  track_updates: bool = True, max_backoff: int = 8) -> None:
         super().__init__()
@@ -211,6 +157,7 @@ class GradientMonitor(Monitor):
         self._probe_requested = False
         self._pending_load: Dict[int, Dict[str, Any]] = {}
         self._accumulating = False
+        self._automatic = True
         self._noise_rarity = 1  # noise_scale_interval multiplier (see _set_noise_rarity)
         self._build_schedules()
 
@@ -237,7 +184,7 @@ class GradientMonitor(Monitor):
         times less often. Decided on the first batch; under DDP (ranks must agree) and with accumulation (the estimate
         is free) the interval stays as configured."""
         world = int(getattr(trainer, "world_size", 1) or 1)
-        if self._accumulating or world > 1 or _batch_size(batch) < rules.NOISE_WARNING_MAX_BATCH:
+        if self._accumulating or world > 1 or rules.noise_can_warn(batch_size(batch)):
             self._noise_rarity = 1
         else:
             self._noise_rarity = NOISE_RARE_FACTOR
@@ -247,6 +194,7 @@ class GradientMonitor(Monitor):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
+        self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
         self._noise_rarity = 0  # decided (and the schedules rebuilt) on the first batch of this fit
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -255,12 +203,11 @@ class GradientMonitor(Monitor):
         if self._is_noise_step(trainer.global_step):
             if self._batch is None or self._backwards_in_window == 0:
                 self._batch, self._batch_idx = batch, batch_idx
-            self._window_samples += _batch_size(batch)
+            self._window_samples += batch_size(batch)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if not self._accumulating:
-            self._retire("on_after_backward")  # the count only matters within an accumulation window
-            return
+            return  # the count only matters within an accumulation window (see wants)
         self._backwards_in_window += 1
         if (self._backwards_in_window == 1 and trainer.accumulate_grad_batches > 1
                 and self._is_noise_step(trainer.global_step) and pl_module.automatic_optimization):
@@ -278,7 +225,7 @@ class GradientMonitor(Monitor):
                     else:
                         sq = sq / float(scaler.get_scale()) ** 2
                 self._micro_sq = sq
-                self._micro_size = _batch_size(self._batch)
+                self._micro_size = batch_size(self._batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step
@@ -298,7 +245,7 @@ class GradientMonitor(Monitor):
         # Our own loss evidence (only used when no loss monitor publishes its signals): the mean training loss since the
         # last sampled step, summed on the device without a host sync and read once per sampled step.
         if self._own_loss:
-            loss = _step_loss(outputs)
+            loss = loss_of(outputs)
             if loss is not None:
                 loss = loss.detach()
                 self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -311,28 +258,21 @@ class GradientMonitor(Monitor):
                 count = self._loss_count
                 self.read_on_host(self._loss_sum.float(), lambda values: self._observe_loss(values[0] / count))
             self._loss_sum, self._loss_count = None, 0
-        self._sleep_until_next_event(trainer, pl_module)
 
-    def _sleep_until_next_event(self, trainer: Any, pl_module: Any) -> None:
-        """Composed in Diagnostics, with automatic optimization (one optimizer step per batch at most, taken at the
-        step the batch started with): no hook calls until the next sampled or noise step, nor while an update pair is
-        open. Under manual optimization a batch can take several steps, so every hook keeps coming."""
-        if self._owner is None or not getattr(pl_module, "automatic_optimization", True):
-            return
-        if self.track_updates and any(state.tracker.pending for state in self._states.values()):
-            return
-        step = int(trainer.global_step)
-        wake = self._samples.next_due(step)
-        if self.noise_scale_interval:
-            wake = min(wake, self._noise_steps.next_due(step))
-        if wake <= step:
-            return
-        hooks = ["on_train_batch_start", "on_before_optimizer_step"]
-        if not self._own_loss:
-            hooks.append("on_train_batch_end")
-        if self._accumulating:
-            hooks.append("on_after_backward")
-        self._sleep(hooks, wake)
+    def wants(self, step: int) -> Dict[str, float]:
+        """With automatic optimization (one optimizer step per batch at most, taken at the step the batch started with):
+        the batch hooks from the next sampled or noise step, or now while an update pair is open; the loss hook every
+        step while no loss monitor publishes the loss; ``on_after_backward`` only when accumulating. Under manual
+        optimization a batch can take several steps: every hook, every step."""
+        if not self._automatic or (self.track_updates and any(state.tracker.pending for state in self._states.values())):
+            wake = step
+        else:
+            wake = self._samples.next_due(step)
+            if self.noise_scale_interval:
+                wake = min(wake, self._noise_steps.next_due(step))
+        return {"on_train_batch_start": wake, "on_before_optimizer_step": wake,
+                "on_train_batch_end": step if self._own_loss else wake,
+                "on_after_backward": wake if self._accumulating else NEVER}
 
     def _release(self) -> None:
         for state in self._states.values():
@@ -471,8 +411,7 @@ class GradientMonitor(Monitor):
             scalars[f"diag/grad_norm/{g.layers[j]}"] = math.sqrt(layer_sq[j])
         if weight_total_sq > 0 and math.isfinite(total):
             state.grad_to_weight.update(math.log10(max(total, 1e-30)) - 0.5 * math.log10(weight_total_sq))
-            tiny = state.grad_to_weight.count >= EARLY_SAMPLES and \
-                state.grad_to_weight.compute() < math.log10(rules.TINY_GRAD_TO_WEIGHT)
+            tiny = state.grad_to_weight.count >= EARLY_SAMPLES and rules.gradients_tiny(state.grad_to_weight.compute())
             self._context.publish(signals.GRAD_TINY, bool(tiny))
         if len(nonzero_layers) >= 2:
             first, last = nonzero_layers[0], nonzero_layers[-1]
@@ -512,82 +451,37 @@ class GradientMonitor(Monitor):
             small, b_smalls = self._micro_sq.reshape(1), [self._micro_size]
             b_big = self._window_samples * world
         else:
-            size = _batch_size(self._batch)
+            size = batch_size(self._batch)
             if size < MIN_SPLIT_BATCH:
                 return None
-            # The extra pass runs on a quarter of the batch (half of a small one): its cost is a fraction of a step,
-            # and a smaller part makes 1/b_small - 1/b_big larger, which conditions the estimate better.
-            part = size // 4 if size >= QUARTER_SPLIT_MIN_BATCH else size // 2
-            params = [g.params[i] for i in with_grad]
-            first = self._part_batch_sq_norm(trainer, pl_module, _slice_batch(self._batch, size, part), params)
-            if first is None:
+            part = part_size(size)
+            figures = self._part_batch_figures(trainer, pl_module, part, [g.params[i] for i in with_grad])
+            if figures is None:
                 return None
-            first_sq, big_sq, dot = first.unbind()
-            # The rest needs no pass: G_big = (h G_a + (B-h) G_b) / B, so G_b = (B G_big - h G_a) / (B-h).
-            rest = size - part
-            second_sq = (size ** 2 * big_sq - 2 * size * part * dot + part ** 2 * first_sq) / rest ** 2
+            small = split_sq_norms(figures, size, part)
             # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first part is usable.
-            if world == 1:
-                small, b_smalls = torch.stack([first_sq, second_sq]), [part, rest]
-            else:
-                small, b_smalls = first_sq.reshape(1), [part]
+            small, b_smalls = (small, [part, size - part]) if world == 1 else (small[:1], [part])
             b_big = size * world
         if world > 1:  # every rank reaches this at the same (globally sampled) step: average the local estimates
             small = self.reduce(small.to(device=device, dtype=torch.float64), "mean")
         return small, b_smalls, b_big
 
-    def _part_batch_sq_norm(self, trainer: Any, pl_module: Any, part: Any,
+    def _part_batch_figures(self, trainer: Any, pl_module: Any, part: int,
                             params: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Re-run ``training_step`` on ``part`` of the batch and take its gradient ``G_a`` with ``autograd.grad`` (``.grad`` is
-        untouched); returns ``[|G_a|², |G_big|², <G_a, G_big>]`` on the device (float64). Everything the extra pass can change is restored:
-        RNG states, buffers (BatchNorm statistics), train/eval modes; ``self.log`` calls are dropped."""
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        np_rng, py_rng = np.random.get_state(), random.getstate()
-        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
-        modes = [(m, m.training) for m in pl_module.modules()]
-        attributes = AttributeBindings(pl_module)  # a hidden state the step rebinds (a stateful model)
-        silenced = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
-        for name in silenced:
-            setattr(pl_module, name, lambda *a, **k: None)
+        """The extra pass (:func:`diag.stats.noise_pass.part_batch_figures`): ``training_step`` on the first ``part``
+        samples of the batch, under the Trainer's precision; the estimate is switched off for the run when it raises."""
         self._context.publish(signals.GRAD_EXTRA_PASS, True)
         try:
-            try:
-                with torch.enable_grad(), trainer.precision_plugin.train_step_context():
-                    output = pl_module.training_step(part, self._batch_idx)
-            except Exception as exc:  # the user's step may refuse part of a batch (e.g. BatchNorm on one sample)
-                self.noise_scale_interval = 0
-                log.info("lightning-diag: GradientMonitor stops estimating the gradient noise scale: training_step "
-                         "on part of a batch raised %s: %s", type(exc).__name__, exc)
-                return None
-            loss = _step_loss(output)
-            if loss is None or not loss.requires_grad or loss.dim() != 0:
-                return None
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            mine = [gr.detach() for gr in grads if gr is not None]
-            big = [p.grad.detach() for gr, p in zip(grads, params) if gr is not None]
-            if not mine:
-                return None
-            return norms_and_dots(mine, big).sum(1)
+            return part_batch_figures(pl_module, lambda b: pl_module.training_step(b, self._batch_idx),
+                                      take_samples(self._batch, 0, part), params, [p.grad for p in params],
+                                      trainer.precision_plugin.train_step_context())
+        except PartBatchRefused as refused:
+            self.noise_scale_interval = 0
+            log.info("lightning-diag: GradientMonitor stops estimating the gradient noise scale: training_step "
+                     "on part of a batch raised %s", refused)
+            return None
         finally:
             self._context.publish(signals.GRAD_EXTRA_PASS, False)
-            for name, original in silenced.items():
-                if original is None:
-                    pl_module.__dict__.pop(name, None)
-                else:
-                    setattr(pl_module, name, original)
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            for m, training in modes:
-                if m.training != training:
-                    m.train(training)
-            attributes.restore()
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            np.random.set_state(np_rng)
-            random.setstate(py_rng)
 
     def _use_update(self, state: _OptimizerState, second: bool, norms: List[float], step: int) -> None:
         """The figures of one update (see :meth:`UpdateTracker.observe_norms`): ratios, cosine, scalars at ``step``."""
@@ -641,7 +535,7 @@ class GradientMonitor(Monitor):
         if stalled is None and len(self._early_losses) == EARLY_SAMPLES and progress is not None:
             early = statistics.median(self._early_losses)
             since_start = (early - self._loss_ema.compute()) / abs(early) if early else 0.0
-            stalled = progress < rules.STALL_PROGRESS and since_start < rules.STALL_PROGRESS
+            stalled = rules.own_loss_stalled(progress, since_start)
         return progress, stalled
 
     def _loss_fraction_of_initial(self) -> Optional[float]:
@@ -656,13 +550,9 @@ class GradientMonitor(Monitor):
         min_samples = EARLY_SAMPLES
         early = statistics.median(state.early_log10_norms) if state.early_log10_norms else float("nan")
         progress, stalled = self._progress()
-        found = rules.exploding_gradients(early, state.recent_log10_norms, progress)
-        if found:
-            self._raise("exploding_gradients", found)
-        found = rules.vanishing_gradients(state.depth.compute(), state.depth.count, min_samples, stalled,
-                                          *state.depth_layers)
-        if found:
-            self._raise("vanishing_gradients", found)
+        self.report_verdict(rules.exploding_gradients(early, state.recent_log10_norms, progress))
+        self.report_verdict(rules.vanishing_gradients(state.depth.compute(), state.depth.count, min_samples, stalled,
+                                                      *state.depth_layers))
         self._judge_missing(state)
         worst_layer, worst = None, float("nan")
         for layer, c in state.layer_cosine.compute().items():
@@ -670,24 +560,19 @@ class GradientMonitor(Monitor):
                 worst_layer, worst = layer, c
         found = rules.zigzag_updates(state.cosine.compute(), state.cosine.count, progress, stalled, worst_layer, worst)
         self._context.publish(signals.GRAD_ZIGZAG, found is not None)
-        if found:
-            self._raise("zigzag_updates", found)
+        self.report_verdict(found)
         window = self._window_noise()
         est = window.compute()
         b = int(window.last_b_big) if window.count else 0
-        found = rules.high_gradient_noise(est["noise_scale"], b, window.count, stalled, progress,
-                                          self._loss_fraction_of_initial())
-        if found:
-            self._raise("high_gradient_noise", found)
+        self.report_verdict(rules.high_gradient_noise(est["noise_scale"], b, window.count, stalled, progress,
+                                                      self._loss_fraction_of_initial()))
         # plateau evidence for the loss monitor, and the learning-rate probe's trigger
         ratio = state.log_ratio.compute()
         if state.log_ratio.count >= min_samples and math.isfinite(ratio) and not self._probe_requested:
-            if ratio < math.log10(rules.UPDATE_RATIO_LOW):
-                self._context.request_probe("update_too_small")
-                self._probe_requested = True
-            elif ratio > math.log10(rules.UPDATE_RATIO_HIGH):
-                self._context.request_probe("update_too_large")
-                self._probe_requested = True
+            reason = rules.update_ratio_probe(ratio)
+            if reason is not None:
+                self.request_probe(reason)
+                self._probe_requested = True  # one request per fit, whichever way the ratio left the range
 
     def _window_noise(self) -> GradientNoiseScale:
         window = GradientNoiseScale(beta=None)
@@ -701,7 +586,7 @@ class GradientMonitor(Monitor):
         for i, name in enumerate(state.grouping.names):
             exp = state.expected[i]
             samples = max(samples, exp)
-            if exp < rules.MISSING_MIN_SAMPLES:
+            if not rules.missing_gradients_applies(exp):
                 continue
             short = name.rsplit(".", 1)[-1]
             layer = state.grouping.layers[state.grouping.layer_index[i]]
@@ -710,15 +595,12 @@ class GradientMonitor(Monitor):
             elif state.got[i] == 0:
                 by_layer.setdefault(layer, ([], []))[1].append(short)
         for layer, (none_params, zero_params) in by_layer.items():
-            found = rules.missing_gradients(layer, none_params, zero_params, samples)
-            if found:
-                self._raise("missing_gradients", found)
-
-    def _raise(self, code: str, d: rules.Diagnosis) -> None:
-        self.report(code, d.message, advice=d.advice, evidence=d.evidence, layer=d.layer, severity=d.severity)
+            self.report_verdict(rules.missing_gradients(layer, none_params, zero_params, samples))
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _monitor_state(self) -> Dict[str, Any]:
+        """The declared state and each optimizer's, by its index in ``trainer.optimizers`` (a resumed fit has new
+        optimizer objects): applied on its first sampled step (see _state_for)."""
         optimizers = list(getattr(self._trainer, "optimizers", []) or []) if self._trainer is not None else []
         per_optimizer = {}
         for state_id, state in self._states.items():
@@ -727,17 +609,8 @@ class GradientMonitor(Monitor):
             per_optimizer[str(index)] = state.state_dict()
         for index, pending in self._pending_load.items():  # loaded but not yet applied (no sampled step since)
             per_optimizer.setdefault(str(index), pending)
-        return {"optimizers": per_optimizer, "noise": self._noise.state_dict(), "noise_window": [list(x) for x in self._noise_window], "early_losses": list(self._early_losses),
-                "loss_ema": self._loss_ema.state_dict(), "recent_losses": list(self._recent_losses),
-                "probe_requested": self._probe_requested}
+        return {**super()._monitor_state(), "optimizers": per_optimizer}
 
-    def _load_monitor_state(self, state: Dict[str, Any]) -> None:
+    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_monitor_state(state)
         self._pending_load = {int(k): v for k, v in state.get("optimizers", {}).items()}
-        if "noise" in state:
-            self._noise.load_state_dict(state["noise"])
-        self._noise_window.extend(tuple(x) for x in state.get("noise_window", []))
-        self._early_losses = list(state.get("early_losses", []))
-        if "loss_ema" in state:
-            self._loss_ema.load_state_dict(state["loss_ema"])
-        self._recent_losses.extend(state.get("recent_losses", []))
-        self._probe_requested = bool(state.get("probe_requested", False))

@@ -18,17 +18,18 @@ which waits for the queued kernels; ~2% of a 4.2 ms step) and 22 us on CPU (mean
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from diag import signals
+from diag.batch import loss_of, tensors_in
 from diag.detectors import loss_curve as rules
 from diag.probe import looks_like_probabilities
 from diag.stats.loss import LossStatistics
 
-from .base import Monitor, check_fraction, check_positive_float, check_positive_int
+from .base import NEVER, Monitor, check_fraction, check_positive_float, check_positive_int
 
 DEFAULT_EMA_DECAY = 0.95  # averages about the last 20 optimizer steps
 DEFAULT_WINDOW = 50  # optimizer steps the trend/swing/plateau statistics look at
@@ -77,6 +78,9 @@ class LossCurveMonitor(Monitor):
         print([f.code for f in monitor.findings])
     """
 
+    STATE = ("stats", "_inferred_classes", "_initial_checked", "_flat_since", "_oscillation_checks", "_stall_checks",
+             "_requested", "_outputs_probabilities", "_last_raw")  # checkpointed (see Monitor.STATE)
+
     def __init__(
         self,
         num_classes: Optional[int] = None,
@@ -117,7 +121,6 @@ class LossCurveMonitor(Monitor):
         self._stall_checks = 0  # consecutive checks that saw a flat loss near the start/chance level
         self._last_raw: Optional[float] = None
         self._last_lr: Optional[float] = None
-        self._requested: set = set()  # probe requests made (reasons)
         # transient (not checkpointed): the on-device buffer, the micro-batches of the current optimizer step
         # the detached 0-d losses of the last optimizer steps (at most sync_every), read with one .tolist()
         self._buffer: List[torch.Tensor] = []
@@ -137,8 +140,8 @@ class LossCurveMonitor(Monitor):
     def _loss_from(self, trainer: Any, outputs: Any) -> Optional[Tuple[torch.Tensor, int]]:
         """The batch's loss (detached, 0-d) and the factor that undoes Lightning's division by
         ``accumulate_grad_batches``; ``None`` when there is none."""
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        loss = loss_of(outputs)
+        if loss is not None and loss.numel() == 1:
             # Lightning hands over a detached 0-d copy: no kernel then (after a training step every torch call is
             # slow, caches being cold); reshaped to 0-d when the buffer is read
             return (loss.detach() if loss.requires_grad else loss), (self._accumulate if self._automatic else 1)
@@ -162,8 +165,6 @@ class LossCurveMonitor(Monitor):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._initial_checked or self._hook_handles:
-            if self._initial_checked:
-                self._retire("on_train_batch_start")
             return
         # First training batch: read the output width with forward hooks (no extra forward pass), removed at
         # the end of this batch. They record shapes, and whether the output looks like probabilities.
@@ -213,6 +214,10 @@ class LossCurveMonitor(Monitor):
             self._last_global_step = step
             self._push(self._pending / self._pending_count)
             self._pending, self._pending_count = None, 0
+
+    def wants(self, step: int) -> Dict[str, float]:
+        """The first batch's start (the output width); the loss at every batch's end."""
+        return {"on_train_batch_start": NEVER if self._initial_checked else step}
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._drain()
@@ -267,19 +272,8 @@ class LossCurveMonitor(Monitor):
             self._context.publish(signals.LOSS_NUM_CLASSES, int(classes))
             self._context.publish(signals.LOSS_CHANCE_LEVEL, math.log(classes))
 
-    def _raise(self, verdict: Optional[rules.LossVerdict]) -> None:
-        if verdict is not None:
-            self.report_verdict(verdict)
-
     def _on_nonfinite(self, value: float, step: int) -> None:
-        self._raise(rules.nonfinite_loss(value, max(step, 0), self.stats))
-        self._request_probe("nonfinite_loss")
-
-    def _request_probe(self, reason: str) -> None:
-        """Ask the learning-rate probe to run, at most once per reason and fit (its own budget limits it further)."""
-        if reason not in self._requested:
-            self._requested.add(reason)
-            self._context.request_probe(reason)
+        self.report_verdict(rules.nonfinite_loss(value, max(step, 0), self.stats))
 
     def _check_initial_loss(self, loss: torch.Tensor, batch: Any) -> None:
         shape = self._seen_output if self._seen_output is not None and len(self._seen_output) >= 2 else self._seen_linear
@@ -293,7 +287,8 @@ class LossCurveMonitor(Monitor):
         first = float(self.reduce(loss.float().clone(), "mean").item())  # one host sync, once per fit; every rank
         if classes is None:
             return  # not (recognizably) a classifier: stay silent
-        self._raise(rules.unexpected_initial_loss(first, classes, batch_size, inferred, ratio=self.initial_loss_ratio))
+        self.report_verdict(rules.unexpected_initial_loss(first, classes, batch_size, inferred,
+                                                          ratio=self.initial_loss_ratio))
 
     def _check(self) -> None:
         stats = self.stats
@@ -307,8 +302,7 @@ class LossCurveMonitor(Monitor):
         ctx.publish(signals.LOSS_BEST, stats.best)
         if progress is not None:
             ctx.publish(signals.LOSS_RELATIVE_PROGRESS, progress)
-        ctx.publish(signals.LOSS_STALLED, bool(past_warmup and progress is not None
-                                               and progress < rules.STALLED_SIGNAL_MAX_PROGRESS))
+        ctx.publish(signals.LOSS_STALLED, bool(past_warmup and rules.stalled_signal(progress)))
         scalars = {"diag/loss_smoothed": stats.smoothed}
         if self._last_raw is not None:
             scalars["diag/loss"] = self._last_raw
@@ -318,44 +312,39 @@ class LossCurveMonitor(Monitor):
             impossible = rules.impossible_loss(stats, self._chance_level())
             if impossible is not None:
                 self._requested.add("impossible_loss")  # raised once; the probe cannot judge a loss without a floor
-                self._raise(impossible)
+                self.report_verdict(impossible)
         if not past_warmup:
             self._check_spike()
             return
 
         diverging = rules.loss_diverging(stats, factor=self.diverge_factor, chance_level=self._chance_level())
         if diverging is not None:
-            self._raise(diverging)
-            if diverging.severity is None:
-                self._request_probe("loss_diverging")
+            self.report_verdict(diverging)
             self._oscillation_checks = 0
         else:
             self._check_spike()
             evidence = rules.oscillation_evidence(stats, swing_ratio=self.oscillation_swing_ratio,
                                                   chance_level=self._chance_level())
             self._oscillation_checks = self._oscillation_checks + 1 if evidence is not None else 0
-            if evidence is not None and self._oscillation_checks >= rules.OSC_CONSECUTIVE_CHECKS:
-                verdict = rules.loss_oscillating(evidence)
-                self._raise(verdict)
-                if verdict.severity is None:  # a warning: an info-level swing does not spend the probe's budget
-                    self._request_probe("loss_oscillating")
+            if evidence is not None:
+                self.report_verdict(rules.loss_oscillating(evidence, self._oscillation_checks))
 
         chance = self._chance_level()
-        if rules.probabilities_to_probe(stats, bool(self._outputs_probabilities), chance):
-            self._request_probe("probability_outputs")  # softmax fed to cross-entropy, or a legitimate NLL: the probe tells
+        reason = rules.probabilities_to_probe(stats, bool(self._outputs_probabilities), chance)
+        if reason is not None:
+            self.request_probe(reason)
         if warming_up:
             self._flat_since, self._stall_checks = None, 0  # a learning-rate warm-up in progress: a flat loss is expected
             return
-        near_start = rules.near_start(stats, chance)
-        stalled = near_start and rules.flat(stats, rules.STALL_MAX_PROGRESS)
-        self._stall_checks = self._stall_checks + 1 if stalled else 0
-        if self._stall_checks >= rules.STALL_CONSECUTIVE_CHECKS:
-            self._request_probe("loss_stalled")  # LR too low or a code bug: the probe tells which
-        if stats.window_full and near_start and rules.flat(stats, self.plateau_max_progress):
+        self._stall_checks = self._stall_checks + 1 if rules.stalled_near_start(stats, chance) else 0
+        reason = rules.stall_probe(self._stall_checks)
+        if reason is not None:
+            self.request_probe(reason)
+        if stats.window_full and rules.near_start(stats, chance) and rules.flat(stats, self.plateau_max_progress):
             if self._flat_since is None:
                 self._flat_since = stats.count
             flat_steps = stats.count - self._flat_since + stats.window_size
-            self._raise(rules.loss_plateau(stats, flat_steps, chance, ctx.get(signals.GRAD_TINY)))
+            self.report_verdict(rules.loss_plateau(stats, flat_steps, chance, ctx.get(signals.GRAD_TINY)))
         else:
             self._flat_since = None
 
@@ -363,11 +352,7 @@ class LossCurveMonitor(Monitor):
         """A burst of huge losses (the smoothed loss above ``diverge_factor`` x its start) that the sustained divergence
         rule does not see: an ``info``; for a classifier the probe replays the start of training to say why."""
         chance = self._chance_level()
-        spike = rules.loss_spike(self.stats, factor=self.diverge_factor, chance_level=chance)
-        if spike is not None:
-            self._raise(spike)
-            if chance is not None:
-                self._request_probe("loss_spike")
+        self.report_verdict(rules.loss_spike(self.stats, factor=self.diverge_factor, chance_level=chance))
 
     def _lr_rising(self) -> bool:
         """Whether the first optimizer's learning rate rose since the last check (a warm-up schedule)."""
@@ -379,37 +364,6 @@ class LossCurveMonitor(Monitor):
         self._last_lr = lr
         return rising
 
-    # ---- checkpoints ------------------------------------------------------------------------------
-    def _monitor_state(self) -> Dict[str, Any]:
-        return {"stats": self.stats.state_dict(), "inferred_classes": self._inferred_classes,
-                "initial_checked": self._initial_checked, "flat_since": self._flat_since,
-                "oscillation_checks": self._oscillation_checks, "stall_checks": self._stall_checks,
-                "probe_requests": sorted(self._requested), "outputs_probabilities": self._outputs_probabilities,
-                "last_raw": self._last_raw}
-
-    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self.stats.load_state_dict(state["stats"])
-        self._inferred_classes = state.get("inferred_classes")
-        self._initial_checked = bool(state.get("initial_checked", True))
-        self._flat_since = state.get("flat_since")
-        self._oscillation_checks = int(state.get("oscillation_checks", 0))
-        self._stall_checks = int(state.get("stall_checks", 0))
-        self._requested = set(state.get("probe_requests", []))
-        self._outputs_probabilities = state.get("outputs_probabilities")
-        self._last_raw = state.get("last_raw")
-
-
-def _tensors_in(batch: Any, depth: int = 0) -> List[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if depth >= 2:
-        return []
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors_in(v, depth + 1)]
-    if isinstance(batch, (list, tuple)):
-        return [t for v in batch for t in _tensors_in(v, depth + 1)]
-    return []
-
 
 def _classes_from(shape: Sequence[int], batch: Any) -> Optional[int]:
     """The class count when the output looks like logits over C >= 2 classes and the batch holds integer targets
@@ -420,7 +374,7 @@ def _classes_from(shape: Sequence[int], batch: Any) -> Optional[int]:
         candidates.append((shape[-1], tuple(shape[:-1])))  # class axis last
     if len(shape) >= 3:
         candidates.append((shape[1], (shape[0],) + tuple(shape[2:])))  # class axis 1 (segmentation)
-    targets = [t for t in _tensors_in(batch) if not t.is_floating_point() and not t.is_complex()
+    targets = [t for t in tensors_in(batch, max_depth=2) if not t.is_floating_point() and not t.is_complex()
                and t.dtype != torch.bool and t.numel() > 0]
     for classes, target_shape in candidates:
         if classes < 2:

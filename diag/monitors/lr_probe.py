@@ -6,21 +6,23 @@ Lightning glue only: which hook, when, and how to call the user's ``training_ste
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from diag import signals
-from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, Verdict, collapsed_after_progress, judge, judge_collapse,
+from diag.batch import loss_of, zero_inputs
+from diag.detectors import Verdict
+from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, collapsed_after_progress, judge, judge_collapse,
                                      judge_control, judge_wrecked, nothing_fits_near_chance, temper_too_low)
 from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state,
-                        optimizer_state_finite, reinitialize, run_probe, weights_finite, zero_inputs)
+                        optimizer_state_finite, quiet_logging, reinitialize, run_probe, weights_finite)
 
 from .base import Monitor, check_positive_float, check_positive_int
 
@@ -44,31 +46,6 @@ LOSS_SYMPTOMS = ("nonfinite_loss", "loss_diverging", "loss_spike", "loss_oscilla
 # MLP under SGD at lr 1.5 that learned to 0.07 and then blew up: from the wrecked weights no rate fits anything, which
 # read as a code bug). Non-finite weights always start from the snapshot.
 REPLAY_REASONS = ("loss_spike",)
-
-
-def _no_log(*_args: Any, **_kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def quiet_logging(pl_module: Any) -> Iterator[None]:
-    """Silence ``self.log``/``self.log_dict`` of the LightningModule while the probe calls ``training_step``.
-
-    The two methods are shadowed by instance attributes that do nothing, then the instance attributes are removed
-    (or the user's own instance attributes put back), so nothing the probe computes reaches the logger, the
-    progress bar or ``trainer.callback_metrics``. Direct writes to ``self.logger.experiment`` cannot be caught.
-    """
-    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
-    object.__setattr__(pl_module, "log", _no_log)
-    object.__setattr__(pl_module, "log_dict", _no_log)
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            if name in saved:
-                object.__setattr__(pl_module, name, saved[name])
-            else:
-                pl_module.__dict__.pop(name, None)
 
 
 # The last-finite snapshot is a device-side copy of the weights and optimizer state (about 3x the parameters with Adam):
@@ -145,6 +122,8 @@ class LearningRateProbe(Monitor):
         trainer = pl.Trainer(callbacks=[Diagnostics(lr_probe=LearningRateProbe(preflight_step=20))])
         trainer.fit(model, train_loader)
     """
+
+    STATE = ("_probes_run", "_probe_seconds", "_preflight_done", "_probed_reasons")  # checkpointed (see Monitor.STATE)
 
     def __init__(
         self,
@@ -230,7 +209,6 @@ class LearningRateProbe(Monitor):
         requests = self._context.probe_requests
         preflight = self.preflight_step is not None and not self._preflight_done and step >= self.preflight_step
         if not requests and not preflight:
-            self._sleep_until_due(step)
             return
         reasons = [r for r in requests if r not in self._probed_reasons]
         requests.clear()
@@ -264,7 +242,7 @@ class LearningRateProbe(Monitor):
         counts = self.reduce(votes, "sum")
         if code != "none" and int(round(float(counts[self._VOTES.index(code)]))) == world:
             if verdict is not None:
-                verdict.evidence = {**verdict.evidence, "ranks_agreeing": world}
+                verdict = dataclasses.replace(verdict, evidence={**verdict.evidence, "ranks_agreeing": world})
             return verdict
         if code != "none":
             self._note_skip("the processes' probes, each on its own batch, did not all reach the same verdict ("
@@ -284,27 +262,26 @@ class LearningRateProbe(Monitor):
         if verdict.code != "lr_ok":
             evidence = {**(result.evidence() if result is not None else {}), **verdict.evidence,
                         "trigger": ", ".join(reasons), "probe_seconds_total": round(self._probe_seconds, 4)}
-            self.report(verdict.code, verdict.message, advice=verdict.advice, evidence=evidence, layer=verdict.layer,
-                        severity=verdict.severity)
+            self.report_verdict(dataclasses.replace(verdict, evidence=evidence))
 
-    def _sleep_until_due(self, step: int) -> None:
-        """Composed in Diagnostics: no calls until the next snapshot refresh or the preflight probe, or until another
-        monitor requests a probe (``context.request_probe`` wakes this monitor for the batch under way or the next).
-        ``step`` is the global step after this batch; the wake-up step is the one the batch before the due one
-        starts with."""
+    # Woken by any probe request (for the batch under way when the request comes before it in the batch), and it
+    # acts after the batched host read of a read step, where the other monitors' requests are made.
+    WAKES_ON_PROBE_REQUEST = True
+    ACTS_ON_REQUESTS = True
+
+    def wants(self, step: int) -> Dict[str, float]:
+        """The batch end of the next snapshot refresh or the preflight probe, or of the next batch while requests
+        wait; the declared wake-up on a request does the rest. The batch end of the batch that starts at ``due - 1``
+        sees global step ``due``."""
         due = math.inf
+        if self._context.probe_requests:
+            return {"on_train_batch_end": step}
         if self._snapshot is not None:
             # (the start snapshot's loss is read on the next batch again until one is finite)
             due = step + 1 if math.isinf(self._snapshot_loss) else self._snapshot_tried + self.snapshot_interval
         if self.preflight_step is not None and not self._preflight_done:
             due = min(due, self.preflight_step)
-        if due > step + 1:
-            if self._wake_on_request not in self._context.probe_listeners:
-                self._context.probe_listeners.append(self._wake_on_request)
-            self._sleep(("on_train_batch_end",), due - 1)
-
-    def _wake_on_request(self) -> None:
-        self._rehire("on_train_batch_end")
+        return {"on_train_batch_end": due - 1}
 
     def _release(self) -> None:
         self._snapshot = None
@@ -330,8 +307,8 @@ class LearningRateProbe(Monitor):
         # Alone (or before its first read), the batch loss is read.
         value = self._context.get(signals.LOSS_SMOOTHED)
         if not isinstance(value, float):
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if not isinstance(loss, torch.Tensor):
+            loss = loss_of(outputs)
+            if loss is None:
                 return
             value = float(loss.detach().float().mean())
         if not math.isfinite(value):
@@ -421,12 +398,10 @@ class LearningRateProbe(Monitor):
             snapshot, replay = self._snapshot, True
 
         def loss_fn(b: Any) -> torch.Tensor:
-            out = pl_module.training_step(b, batch_idx)
-            if isinstance(out, Mapping):
-                out = out.get("loss")
-            if not isinstance(out, torch.Tensor):
+            loss = loss_of(pl_module.training_step(b, batch_idx))
+            if loss is None:
                 raise ProbeUnavailable("training_step returned no loss tensor")
-            return out
+            return loss
 
         self._probes_run += 1
         result = self._run(trainer, pl_module, optimizer, loss_fn, batch, snapshot, reasons)
@@ -435,8 +410,8 @@ class LearningRateProbe(Monitor):
         trained = snapshot.step if snapshot is not None else step
         verdict = judge(result, trained_steps=trained, reasons=reasons)
         if replay and verdict.code != "lr_ok":
-            verdict.message = (verdict.message.rstrip(".") + f" (probed from the weights of step {snapshot.step}, saved "
-                               f"before the loss misbehaved by step {step}).")
+            verdict = dataclasses.replace(verdict, message=verdict.message.rstrip(".") + f" (probed from the weights of "
+                                          f"step {snapshot.step}, saved before the loss misbehaved by step {step}).")
         if snapshot is None and self._snapshot is not None and self._snapshot.step < step \
                 and nothing_fits_near_chance(result, verdict):
             # Nothing fits from the current weights: training may have wrecked them (units that died at a too-high
@@ -544,14 +519,3 @@ class LearningRateProbe(Monitor):
         finally:
             self._context.publish(signals.PROBE_RUNNING, False)
             self._probe_seconds += time.perf_counter() - started
-
-    # ---- checkpoints ----------------------------------------------------------------------------------
-    def _monitor_state(self) -> dict:
-        return {"probes_run": self._probes_run, "probe_seconds": self._probe_seconds,
-                "preflight_done": self._preflight_done, "probed_reasons": sorted(self._probed_reasons)}
-
-    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self._probes_run = int(state.get("probes_run", 0))
-        self._probe_seconds = float(state.get("probe_seconds", 0.0))
-        self._preflight_done = bool(state.get("preflight_done", False))
-        self._probed_reasons = set(state.get("probed_reasons", []))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from diag import signals
 from diag.batch import split_batch
 from diag.detectors import setup as rules
 
-from .base import Monitor
+from .base import NEVER, Monitor
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -54,6 +54,8 @@ class SetupCheck(Monitor):
         print([f.code for f in trainer.callbacks[0].findings])
     """
 
+    STATE = ("_normalization_done", "_escalated")  # checkpointed (see Monitor.STATE)
+
     def __init__(self, optimizer: bool = True, normalization: bool = True) -> None:
         super().__init__()
         self.check_optimizer = check_bool("optimizer", optimizer)
@@ -81,7 +83,7 @@ class SetupCheck(Monitor):
             for verdict in (rules.adam_coupled_weight_decay(optimizer, label),
                             rules.unusual_learning_rate(optimizer, label),
                             rules.sgd_without_momentum(optimizer, layer=label)):
-                self._raise(verdict)
+                self.report_verdict(verdict)
                 if verdict is not None and verdict.code == "sgd_without_momentum":
                     self._plain_sgd.append((optimizer, label))
         self._check_escalation()
@@ -102,7 +104,7 @@ class SetupCheck(Monitor):
             return
         self._escalated = True
         for optimizer, label in self._plain_sgd:
-            self._raise(rules.sgd_without_momentum(optimizer, symptom=symptom, layer=label))
+            self.report_verdict(rules.sgd_without_momentum(optimizer, symptom=symptom, layer=label))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._check_escalation()
@@ -110,8 +112,6 @@ class SetupCheck(Monitor):
     # ---- normalization layers -------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.check_normalization or self._normalization_done or self._handles:
-            if not self._handles:
-                self._retire("on_train_batch_start")
             return
         for name, module in hookable_modules(pl_module):
             if rules.is_batchnorm(module):
@@ -144,9 +144,13 @@ class SetupCheck(Monitor):
             self._judge_normalization(pl_module, self._armed_batch if self._armed_batch is not None else batch)
             self._armed_batch = None
         self._check_escalation()
-        if not self._handles and (self._normalization_done or not self.check_normalization) and (
-                not self._plain_sgd or self._escalated):
-            self._retire("on_train_batch_end")
+
+    def wants(self, step: int) -> Dict[str, float]:
+        """The first batch (normalization layers), then the batch ends until plain SGD's escalation is settled."""
+        normalized = self._normalization_done or not self.check_normalization
+        return {"on_train_batch_start": NEVER if normalized and not self._handles else step,
+                "on_train_batch_end": NEVER if not self._handles and normalized and (
+                    not self._plain_sgd or self._escalated) else step}
 
     def _judge_normalization(self, pl_module: Any, batch: Any) -> None:
         self._normalization_done = True
@@ -164,22 +168,10 @@ class SetupCheck(Monitor):
                             f"{self._embedding_called}")
         sequence_layer = next((f"{type(m).__name__} {n}" for n, m in hookable_modules(pl_module)
                                if n and rules.is_sequence_layer(m)), None)
-        self._raise(rules.batchnorm_on_sequence(observed, batch_size, token_inputs, sequence_layer))
-        self._raise(rules.batchnorm_small_batch(observed, self.world_size()))
+        self.report_verdict(rules.batchnorm_on_sequence(observed, batch_size, token_inputs, sequence_layer))
+        self.report_verdict(rules.batchnorm_small_batch(observed, self.world_size()))
 
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    # ---- plumbing -------------------------------------------------------------------------------
-    def _raise(self, verdict: Optional[rules.Verdict]) -> None:
-        if verdict is not None:
-            self.report_verdict(verdict)
-
-    def _monitor_state(self) -> Dict[str, Any]:
-        return {"normalization_done": self._normalization_done, "escalated": self._escalated}
-
-    def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
-        self._normalization_done = bool(state.get("normalization_done", False))
-        self._escalated = bool(state.get("escalated", False))

@@ -79,7 +79,13 @@ class FeatureMoments:
         (summary,) = summarize_all([moments])
     """
 
+    # the per-feature vectors (see the module docstring): ``None`` until the first batch, and after ``reset``
     _VECTORS = ("sum", "sum_sq", "low", "high", "saturated")
+    sum: Optional[torch.Tensor]
+    sum_sq: Optional[torch.Tensor]
+    low: Optional[torch.Tensor]
+    high: Optional[torch.Tensor]
+    saturated: Optional[torch.Tensor]
 
     def __init__(self, saturation: Optional[Tuple[float, float]] = None, unit_share: float = 0.5) -> None:
         self.saturation = saturation
@@ -89,11 +95,8 @@ class FeatureMoments:
 
     def reset(self) -> None:
         self.count = 0.0
-        self.sum: Optional[torch.Tensor] = None
-        self.sum_sq: Optional[torch.Tensor] = None
-        self.low: Optional[torch.Tensor] = None
-        self.high: Optional[torch.Tensor] = None
-        self.saturated: Optional[torch.Tensor] = None
+        for name in self._VECTORS:
+            setattr(self, name, None)
 
     @property
     def empty(self) -> bool:

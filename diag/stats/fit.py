@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import torch
 
+from diag.stats.numbers import finite_number
+
 NAN = float("nan")
-
-
-def _finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +96,7 @@ class FitHistory:
         self.recent.append(record)
         if self.first is None:
             self.first = record
-        if _finite(record.val) and (self.best is None or self.badness(record.val) < self.badness(self.best.val)):
+        if finite_number(record.val) and (self.best is None or self.badness(record.val) < self.badness(self.best.val)):
             self.best = record
         self.best_train = _nanmin(self.best_train, record.train)
         self.count += 1
@@ -150,7 +147,7 @@ class FitHistory:
         """Spread of the evaluation-to-evaluation changes of the validation value over the last ``window``
         evaluations: the median absolute deviation of the successive differences from their median. A steady
         trend has (almost) no spread; noise has spread about its own size. NaN with fewer than 4 differences."""
-        values = [self.badness(r.val) for r in list(self.recent)[-window:] if _finite(r.val)]
+        values = [self.badness(r.val) for r in list(self.recent)[-window:] if finite_number(r.val)]
         diffs = [b - a for a, b in zip(values[:-1], values[1:])]
         if len(diffs) < 4:
             return NAN
@@ -221,6 +218,17 @@ class RunningMean:
         mean = self.mean_tensor()
         return NAN if mean is None else float(mean.item())
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The sum and the count (one host read of the sum)."""
+        self._fold()
+        return {"total": float(self.total.item()) if self.total is not None else 0.0, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
+        if state.get("count") and finite_number(float(state.get("total", NAN))):
+            self.total = torch.tensor(float(state["total"]))  # on the CPU: moved to the device by the next update
+            self.count = int(state["count"])
+
 
 class ClassCountEstimator:
     """Class count of integer targets: ``max + 1`` over the targets seen (kept on device, read once)."""
@@ -248,9 +256,9 @@ class ClassCountEstimator:
 
 
 def _nanmin(a: float, b: float) -> float:
-    if not _finite(a):
-        return b if _finite(b) else NAN
-    return min(a, b) if _finite(b) else a
+    if not finite_number(a):
+        return b if finite_number(b) else NAN
+    return min(a, b) if finite_number(b) else a
 
 
 def _median(values: List[float]) -> float:
