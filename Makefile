@@ -22,6 +22,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
 fuzz: venv
 	$(PY) -m pytest -q tests/test_fuzz.py --fuzz-examples 200
 

@@ -36,6 +36,7 @@ from torch import nn
 from diag.findings import Finding
 
 from diag.monitors.host import LoopHook, LoopPrecision, LoopTrainer, ModelView, unwrap_model, unwrap_optimizer
+from diag.monitors.host import _Inert  # noqa: F401 (a model saved while watched by an earlier release names it here)
 
 from ._compat import TENSORBOARD_LOGGERS
 from .diagnostics import Diagnostics

@@ -33,7 +33,7 @@ from diag.stats.host_read import BatchedRead
 from tests.helpers import Classifier, assert_silent, digits_loaders, mlp, trainer
 from tests.host_reads import HostReadCounter
 
-PROBE_FILES = ("callbacks/lr_probe.py", "diag/probe.py")
+PROBE_FILES = ("diag/monitors/lr_probe.py", "diag/probe.py")
 MAX_READ_SHARE = 0.10  # issue 16: at most 10% of the steps past the dense start pay a read
 
 

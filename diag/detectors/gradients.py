@@ -178,15 +178,15 @@ NOISE_LOSS_STILL_HIGH = 0.5
 NOISE_WARNING_MAX_BATCH = 16
 
 
+NOISE_ADVICE = ("Gradient noise dominates each step. Use a larger batch (batch_size about {suggest}, or "
+                "Trainer(accumulate_grad_batches={accum})), SGD momentum (0.9) or Adam to average the noise, or a "
+                "lower learning rate.")
+
+
 def noise_can_warn(batch_size: int) -> bool:
     """Whether gradient noise at this batch size can be a warning (below ``NOISE_WARNING_MAX_BATCH``), not only a hint:
     the monitor takes its costly estimate less often where it cannot."""
     return batch_size < NOISE_WARNING_MAX_BATCH
-
-
-NOISE_ADVICE = ("Gradient noise dominates each step. Use a larger batch (batch_size about {suggest}, or "
-                "Trainer(accumulate_grad_batches={accum})), SGD momentum (0.9) or Adam to average the noise, or a "
-                "lower learning rate.")
 
 
 def high_gradient_noise(noise_scale: float, batch_size: int, estimates: int, stalled: Optional[bool],
