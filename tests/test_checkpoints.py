@@ -289,3 +289,22 @@ def test_declared_state_saves_and_loads_each_kind_of_value():
     c._last = torch.zeros(2)
     with pytest.raises(TypeError):
         save_state(c, Holder.STATE)
+
+
+def test_a_checkpoint_of_the_release_before_declared_state_still_loads_its_renamed_keys():
+    """Keys written by the hand-made state of the previous release (``probe_requests``; per optimizer ``early`` and
+    ``recent``) load into the attributes that now carry other names."""
+    from diag.callbacks import LossCurveMonitor
+    from diag.monitors.gradients import _OptimizerState
+
+    loss = LossCurveMonitor()
+    loss._load_monitor_state({"probe_requests": ["loss_stalled"]})
+    assert loss._requested == {"loss_stalled"}
+    state = _OptimizerState(["w"], [torch.nn.Parameter(torch.zeros(2))])
+    state.load_state_dict({"names": ["w"], "early": [1.0, 2.0], "recent": [3.0]})
+    assert state.early_log10_norms == [1.0, 2.0] and list(state.recent_log10_norms) == [3.0]
+    from diag.stats.fit import RunningMean
+
+    mean = RunningMean()
+    mean.load_state_dict([0.5, 4])  # the fit monitor's since_evaluation as [mean, count]
+    assert mean.state_dict() == {"total": 2.0, "count": 4}

@@ -50,6 +50,7 @@ class _OptimizerState:
 
     # checkpointed: the counts per parameter only into the same parameters (by name), the rest always
     PER_PARAMETER = ("expected", "got", "had_grad")
+    STATE_RENAMED = {"early": "early_log10_norms", "recent": "recent_log10_norms"}  # checkpoints of earlier releases
     STATE = PER_PARAMETER + ("early_log10_norms", "recent_log10_norms", "depth", "depth_layers", "cosine",
                              "layer_cosine", "log_ratio", "grad_to_weight", "samples", "clip_checks", "clipped")
 

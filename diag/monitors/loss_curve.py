@@ -80,6 +80,7 @@ class LossCurveMonitor(Monitor):
 
     STATE = ("stats", "_inferred_classes", "_initial_checked", "_flat_since", "_oscillation_checks", "_stall_checks",
              "_requested", "_outputs_probabilities", "_last_raw")  # checkpointed (see Monitor.STATE)
+    STATE_RENAMED = {"probe_requests": "requested"}  # keys of checkpoints written before the declared state
 
     def __init__(
         self,

@@ -32,6 +32,9 @@ def save_state(owner: Any, names: Iterable[str]) -> Dict[str, Any]:
 def load_state(owner: Any, names: Iterable[str], state: Mapping[str, Any]) -> None:
     """Restore what :func:`save_state` saved into the attributes ``names`` of ``owner``; a missing key keeps the
     attribute as it is."""
+    renamed = getattr(owner, "STATE_RENAMED", None)
+    if renamed:  # a checkpoint of an earlier release: its keys under their old names
+        state = {**{new: state[old] for old, new in renamed.items() if old in state and new not in state}, **state}
     for name in names:
         key = state_key(name)
         if key in state:

@@ -223,8 +223,10 @@ class RunningMean:
         self._fold()
         return {"total": float(self.total.item()) if self.total is not None else 0.0, "count": self.count}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Any) -> None:
         self.reset()
+        if isinstance(state, (list, tuple)) and len(state) == 2:  # an earlier release saved [mean, count]
+            state = {"total": float(state[0]) * int(state[1]), "count": int(state[1])}
         if state.get("count") and finite_number(float(state.get("total", NAN))):
             self.total = torch.tensor(float(state["total"]))  # on the CPU: moved to the device by the next update
             self.count = int(state["count"])
