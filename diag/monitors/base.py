@@ -555,6 +555,26 @@ class Monitor:
         load_state(self, self.STATE, state)
 
 
+# Every hook a host may call (Lightning's Callback hooks): the base answers those it does not define with a no-op, so a
+# host that is not Lightning's (diag.watch's loop) can call any of them; a monitor receives only those it defines
+# (see Monitor._implements).
+HOOKS = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_sanity_check_start", "on_sanity_check_end",
+         "on_train_start", "on_train_end", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start",
+         "on_train_batch_end", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+         "on_before_zero_grad", "on_validation_start", "on_validation_end", "on_validation_epoch_start",
+         "on_validation_epoch_end", "on_validation_batch_start", "on_validation_batch_end", "on_test_start",
+         "on_test_end", "on_test_epoch_start", "on_test_epoch_end", "on_test_batch_start", "on_test_batch_end",
+         "on_predict_start", "on_predict_end", "on_predict_epoch_start", "on_predict_epoch_end",
+         "on_predict_batch_start", "on_predict_batch_end", "on_exception", "on_save_checkpoint", "on_load_checkpoint")
+
+
+def _no_op(self: "Monitor", *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+for _name in HOOKS:
+    if _name not in vars(Monitor):
+        setattr(Monitor, _name, _no_op)
 _guard_class(Monitor)
 # What a monitor keeps when a new fit starts it clean (Monitor._start_clean): what ties it into the run, not its state.
 _KEPT_ON_NEW_FIT = frozenset({"_context", "_is_root", "_owner", "_trainer", "_init_args", "_fits"})
