@@ -1,7 +1,7 @@
 """The base of every monitor: findings, shared context, batched host reads, checkpoints, and never breaking the fit.
 
 Nothing here imports Lightning. A monitor's hooks carry Lightning's names and arguments, and read from the object they
-are handed as ``trainer`` only what :class:`diag.monitors.Host` lists; ``diag.callbacks`` makes each monitor a Lightning
+are handed as ``trainer`` only what :mod:`diag.monitors.host` lists; ``diag.callbacks`` makes each monitor a Lightning
 ``Callback`` (the Trainer is the host), ``diag.watch`` drives the same monitors from a plain or Fabric loop.
 """
 
@@ -144,9 +144,15 @@ class Monitor:
     A monitor used alone writes its own findings (JSONL, console, TensorBoard); monitors composed in
     :class:`~diag.callbacks.Diagnostics` share one context and the Diagnostics callback writes for all.
 
-    Subclasses implement Lightning hooks as usual. Each hook is guarded: an exception switches the monitor off
-    and becomes an ``info`` finding ``diag_internal_error``. A subclass that holds resources (forward hooks)
-    releases them in :meth:`_release`.
+    Subclasses implement Lightning hooks as usual (the host hands them its ``trainer`` and module; see
+    :mod:`diag.monitors.host`). Each hook is guarded: an exception switches the monitor off and becomes an ``info``
+    finding ``diag_internal_error``. A subclass that holds resources (forward hooks) releases them in
+    :meth:`_release`. Three declarations replace control flow:
+
+    - :meth:`wants`: the per-step hooks it uses on a schedule, and from which step (the router routes them);
+    - ``STATE``: the attributes its checkpoint holds (saved and loaded by the base);
+    - its rules return a :class:`~diag.detectors.Verdict`, reported with :meth:`report_verdict` (which asks for the
+      learning-rate probe when the verdict says so).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -1,7 +1,7 @@
 """``GradientMonitor``: gradient norms, update-to-weight ratio, update cosine, gradient noise scale, and the rules
 exploding / vanishing / missing gradients, zig-zag updates and high gradient noise.
 
-The Lightning glue only: which hook, which step. Statistics live in :mod:`diag.stats.gradients` and
+Which hook, which step, which rule: the monitor. Statistics live in :mod:`diag.stats.gradients` and
 :mod:`diag.stats.noise_scale` (its extra pass on part of the batch in :mod:`diag.stats.noise_pass`), rules in
 :mod:`diag.detectors.gradients`.
 """

@@ -1,6 +1,6 @@
 """``LearningRateProbe``: when the loss misbehaves, tell a learning-rate problem from a code bug.
 
-Lightning glue only: which hook, when, and how to call the user's ``training_step`` quietly. The sweep itself is
+The monitor: which hook, when, and how to call the user's ``training_step`` quietly. The sweep itself is
 :func:`diag.probe.run_probe`; the verdict rules are in :mod:`diag.detectors.lr_probe`.
 """
 
