@@ -369,7 +369,7 @@ def bench_lockstep(name: str, args) -> Dict[str, Any]:
     return result
 
 
-PROBE_FILES = ("callbacks/lr_probe.py", "diag/probe.py")
+PROBE_FILES = ("diag/monitors/lr_probe.py", "diag/probe.py")
 
 
 def count_host_reads(factory, train, val, steps: int, args, root: str) -> Dict[str, Any]:
