@@ -14,7 +14,7 @@ monitor checks the first loss):
 - between steps (validation end, epoch end) at most one read each, after the first epoch (where the data monitor
   judges labels and the train/validation overlap).
 
-The learning-rate probe's reads (``callbacks/lr_probe.py``, ``diag/probe.py``: a loss and one fused finiteness check
+The learning-rate probe's reads (``diag/monitors/lr_probe.py``, ``diag/probe.py``: a loss and one fused finiteness check
 when its snapshot is refreshed, every 200 steps) belong to its owner and are counted apart, with their own bound.
 """
 
