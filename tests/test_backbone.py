@@ -186,3 +186,30 @@ def test_a_monitor_alone_skips_the_hooks_its_declaration_routes_off(tmp_path):
                enable_checkpointing=False, logger=False, callbacks=[Counting(), alone]).fit(model, train)
     assert starts[:2] == [True, False] and sum(starts) == 3  # the first batch, then steps 10 and 20 only
 
+
+
+def test_a_declaration_that_raises_switches_its_monitor_off_and_the_fit_goes_on(tmp_path):
+    """``wants`` is monitor code too: when it raises, its monitor is switched off with one bounded internal-error
+    finding (as for a hook), receives no per-step call afterwards, and the other monitors keep watching."""
+    from diag.callbacks import ActivationMonitor, LossCurveMonitor
+
+    class Broken(ActivationMonitor):
+        calls = 0
+
+        def wants(self, step):
+            raise RuntimeError("a bug in a schedule")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Broken.calls += 1
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    diagnostics = Diagnostics(console=False, activations=Broken())
+    model = Classifier(mlp([64, 16, 10]), lr=1e-3)
+    train, val = digits_loaders(batch_size=64, n_train=640)
+    pl.Trainer(default_root_dir=str(tmp_path), max_steps=30, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, logger=False, callbacks=[diagnostics]).fit(model, train, val)
+    errors = [f for f in diagnostics.findings if f.code == "diag_internal_error"]
+    assert len(errors) == 1 and errors[0].evidence["hook"] == "wants" and len(errors[0].message) <= 500
+    assert Broken.calls == 1  # the first batch (every hook is on until the first plan), then never again
+    assert diagnostics.monitor(ActivationMonitor)._disabled
+    assert diagnostics.monitor(LossCurveMonitor).stats.count >= 20  # the loss monitor still watched every step

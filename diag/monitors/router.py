@@ -93,7 +93,19 @@ class Router:
             if self._ask_at[i] > step:
                 continue
             needed_now, later = False, NEVER
-            for hook, at in monitor.wants(step).items():
+            try:
+                wanted = {} if getattr(monitor, "_disabled", False) else monitor.wants(step)
+            except Exception as exc:  # a declaration that raises switches its monitor off, as a hook that raises does
+                fail = getattr(monitor, "_fail", None)
+                if fail is None:
+                    raise
+                fail(exc, "wants")
+            if getattr(monitor, "_disabled", False):  # switched off: no per-step call at all for the rest of the fit
+                for hook in SCHEDULED_HOOKS:
+                    self.route(monitor, hook, False)
+                self._ask_at[i] = NEVER
+                continue
+            for hook, at in wanted.items():
                 if hook in self._undeclared[i]:
                     continue
                 if at <= step:
