@@ -100,7 +100,6 @@ class Diagnostics(Monitor):
         self.monitors: List[Monitor] = [m for m in chosen if m is not None]
         for monitor in self.monitors:
             monitor._attach(self._context)
-        for monitor in self.monitors:
             monitor._owner = self
         self._build_router()  # (again at each fit's setup: every fit starts with every hook)
 

@@ -308,3 +308,12 @@ def test_a_checkpoint_of_the_release_before_declared_state_still_loads_its_renam
     mean = RunningMean()
     mean.load_state_dict([0.5, 4])  # the fit monitor's since_evaluation as [mean, count]
     assert mean.state_dict() == {"total": 2.0, "count": 4}
+    from diag.callbacks import FitMonitor
+
+    fit = FitMonitor()  # "none yet" written as 0, "" and [] by the previous release
+    fit._load_monitor_state({"num_classes": 0, "pending": [], "val_key": "", "accuracy_key": "",
+                             "since_evaluation": [0.5, 4], "first_loss": 2.3})
+    assert fit._num_classes is None and fit._pending is None and fit._val_key is None and fit._accuracy_key is None
+    assert fit._since_evaluation.count == 4 and fit._first_loss == 2.3
+    fit._load_monitor_state({"pending": [0.7, 0.5, 2, 90], "val_key": "val_loss", "num_classes": 10})
+    assert fit._pending == (0.7, 0.5, 2, 90) and fit._val_key == "val_loss" and fit._num_classes == 10

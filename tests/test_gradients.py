@@ -370,4 +370,4 @@ def test_sleeping_between_samples_measures_exactly_what_every_step_calls_measure
     assert any(k.startswith("diag/update_cosine") for k in series[True])
     assert calls[False] == 60  # alone: every optimizer step
     # composed: sampled steps (0, 1, then every 7), the two steps of each update pair and noise steps only
-    assert calls[True] <= 40
+    assert 10 <= calls[True] <= 40

@@ -599,7 +599,7 @@ def test_a_request_wakes_the_sleeping_probe_inside_diagnostics(tmp_path):
         assert len(probe.results) == 1 and "lr_too_high" in codes(probe.findings)
         steps_run[composed] = [f.step for f in probe.findings if f.code == "lr_too_high"]
         if composed:
-            assert len(calls) < 10  # the first batch (start snapshot's loss), the asked one
+            assert 2 <= len(calls) < 10  # the first batch (start snapshot's loss), the asked one
         else:
             assert len(calls) >= 15
     assert steps_run[True] == steps_run[False] == [5]

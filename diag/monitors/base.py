@@ -19,9 +19,9 @@ from diag.detectors import Verdict
 from diag.findings import Finding, Severity, clip_text
 from diag.sinks import ConsoleSink, JsonlSink
 from diag.stats.host_read import BatchedRead
-from diag.monitors.state import load_state, save_state
 
 from .router import NEVER, PER_STEP_HOOKS, SCHEDULED_HOOKS, Router  # noqa: F401 (NEVER: for the monitors' wants)
+from .state import load_state, save_state
 
 
 log = logging.getLogger("diag")
@@ -236,12 +236,13 @@ class Monitor:
         return [self]
 
     def _build_router(self) -> None:
-        monitors = self._routed()
-        own = monitors == [self]
-        hooks = SCHEDULED_HOOKS if own else self._forwarded_hooks()
         self._off_hooks = set()
-        self._router = Router(monitors, hooks, self._implements, self._show_own if own else self._show)
+        self._router = Router(self._routed(), self._forwarded_hooks(), self._implements, self._show)
         self._context.on_probe_request = self._router.wake_on_request
+
+    def _forwarded_hooks(self) -> Sequence[str]:
+        """The hooks the router routes: those a monitor may schedule (:class:`Diagnostics` forwards every hook)."""
+        return SCHEDULED_HOOKS
 
     @staticmethod
     def _implements(monitor: "Monitor", hook: str) -> bool:
@@ -251,9 +252,10 @@ class Monitor:
                 return cls is not Monitor and issubclass(cls, Monitor)
         return False
 
-    def _show_own(self, hook: str, on: bool) -> None:
-        """A monitor used alone: a hook routed off is skipped (per-step hooks are hidden from the host, which calls
-        only callable hook attributes; the others return at once, their base duties still run)."""
+    def _show(self, hook: str, on: bool) -> None:
+        """The router's answer for a monitor used alone: a hook routed off is skipped (per-step hooks are hidden from
+        the host, which calls only callable hook attributes; the others return at once, their base duties still run).
+        :class:`Diagnostics` overrides it: it hides a forwarded hook that no monitor receives."""
         if on:
             self._off_hooks.discard(hook)
             if hook in PER_STEP_HOOKS and self.__dict__.get(hook, 0) is None:
@@ -262,12 +264,6 @@ class Monitor:
             self._off_hooks.add(hook)
             if hook in PER_STEP_HOOKS and hook not in self.__dict__:
                 self.__dict__[hook] = None
-
-    def _show(self, hook: str, on: bool) -> None:
-        """A root that forwards hooks (Diagnostics) hides those without receivers from the host."""
-
-    def _forwarded_hooks(self) -> Sequence[str]:
-        return SCHEDULED_HOOKS
 
     def step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0
@@ -373,7 +369,7 @@ class Monitor:
         return self._trainer is None or bool(getattr(self._trainer, "is_global_zero", True))
 
     # ---- failure ----------------------------------------------------------------------------------
-    _off_hooks: Any = frozenset()  # hooks routed off a monitor used alone (see _show_own)
+    _off_hooks: Any = frozenset()  # hooks routed off a monitor used alone (see _show)
     _host_known = False  # a hook got a Trainer (or diag.watch's stand-in for one): see _foreign_host
 
     def _foreign_host(self, hook: str, args: tuple) -> bool:

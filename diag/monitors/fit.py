@@ -373,3 +373,7 @@ class FitMonitor(Monitor):
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
         super()._load_monitor_state(state)
         self._first_loss_tensor = None  # the first loss is the checkpoint's
+        # a checkpoint of an earlier release wrote "none yet" as 0, "" and []
+        self._num_classes = self._num_classes or None
+        self._val_key, self._accuracy_key = self._val_key or self.monitor, self._accuracy_key or None
+        self._pending = tuple(self._pending) if self._pending else None

@@ -41,8 +41,9 @@ class Router:
         self.monitors = list(monitors)
         self._rank = {id(m): i for i, m in enumerate(self.monitors)}
         self._show = show
-        # the bound hooks, taken once: a hook routed off and on again is the same object
-        self._bound = {(id(m), hook): getattr(type(m), hook).__get__(m) for m in self.monitors for hook in hooks
+        # the bound hooks, taken once: a hook routed off and on again is the same object (a per-instance override, e.g.
+        # a wrapper, is kept; a hook hidden on the instance, None, is the class's)
+        self._bound = {(id(m), hook): _bound_hook(m, hook) for m in self.monitors for hook in hooks
                        if implements(m, hook)}
         self.table: Dict[str, List[Callable]] = {
             hook: [self._bound[(id(m), hook)] for m in self.monitors if (id(m), hook) in self._bound] for hook in hooks}
@@ -120,7 +121,7 @@ class Router:
     def wake(self, monitor: Any) -> None:
         """Give ``monitor`` every hook it implements, at once (for the batch under way), and ask it again after it."""
         i = self._rank.get(id(monitor))
-        if i is None:
+        if i is None or getattr(monitor, "_disabled", False):
             return
         for hook in self.table:
             self.route(monitor, hook, True)
@@ -164,3 +165,8 @@ def _overridden_below_wants(monitor: Any, hooks: Sequence[str]) -> frozenset:
     mro = type(monitor).__mro__
     declared_at = next((i for i, cls in enumerate(mro) if "wants" in vars(cls)), len(mro))
     return frozenset(h for h in hooks if any(h in vars(cls) for cls in mro[:declared_at]))
+
+
+def _bound_hook(monitor: Any, hook: str) -> Callable:
+    own = monitor.__dict__.get(hook)
+    return own if callable(own) else getattr(type(monitor), hook).__get__(monitor)
