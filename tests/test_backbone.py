@@ -53,6 +53,50 @@ def test_collector_dedupes_and_upgrades(tmp_path):
                                                                              ("dead_units", "fc2"): "info"}
 
 
+class _Recorder:
+    """A sink that records each log_scalars call and each end of a batch of them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log_scalars(self, scalars, step):
+        self.calls.append((step, dict(scalars)))
+
+    def scalars_written(self, step):
+        self.calls.append(("batch", step))
+
+    def open(self, findings):
+        pass
+
+    def flush(self, findings, step):
+        pass
+
+    def close(self, findings):
+        pass
+
+
+def test_collector_holds_scalars_and_writes_each_step_once_oldest_first():
+    from diag.collector import SCALARS_HOLD, SCALARS_WRITE_EVERY
+
+    sink = _Recorder()
+    c = FindingsCollector()
+    c.open([sink])
+    c.flush(0)  # the first flush sets the next write SCALARS_WRITE_EVERY steps on
+    c.log_scalars({"diag/loss": 1.0}, 20)  # a read at step 20 logs the loss there...
+    c.log_scalars({"diag/grad_norm": 2.0}, 10)  # ...and a gradient sample of step 10, read at the same read
+    c.log_scalars({"diag/grad_norm": 3.0}, 20)  # the sample of step 20 comes at a later read: same step, same write
+    c.log_scalars({"diag/loss": 1.5}, 20)  # a tag logged twice at one step: the later value stays
+    for step in range(1, SCALARS_WRITE_EVERY):
+        c.flush(step)
+    assert sink.calls == []  # nothing written before SCALARS_WRITE_EVERY steps
+    late = SCALARS_WRITE_EVERY + 20 - SCALARS_HOLD  # step 20 is written once it is SCALARS_HOLD steps old
+    c.log_scalars({"diag/loss": 0.5}, late)
+    c.flush(SCALARS_WRITE_EVERY)
+    assert sink.calls == [(10, {"diag/grad_norm": 2.0}), (20, {"diag/loss": 1.5, "diag/grad_norm": 3.0}), ("batch", 20)]
+    c.close()  # the fit's end writes what is held
+    assert sink.calls[-2:] == [(late, {"diag/loss": 0.5}), ("batch", late)]
+
+
 def test_markdown_table_escapes_pipes():
     table = markdown_table([Finding("loss_plateau", "warning", 1, 0, "a|b", "c\nd")])
     assert "a\\|b" in table and "c d" in table and table.count("\n") == 2

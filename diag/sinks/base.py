@@ -20,7 +20,11 @@ class Sink:
         """A finding is new or rose in severity."""
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        """Scalars named ``diag/...``."""
+        """Scalars named ``diag/...``, all those of one ``step`` (the collector holds them for a while and writes them
+        in batches, oldest step first)."""
+
+    def scalars_written(self, step: int) -> None:
+        """A batch of :meth:`log_scalars` calls ended, its last step ``step`` (e.g. rewrite a layout once per batch)."""
 
     #: Whether this sink keeps figures (:meth:`log_image`); figures are drawn only when one sink does.
     wants_images: bool = False

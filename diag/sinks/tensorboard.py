@@ -101,6 +101,14 @@ def _summary_class() -> Any:
     return Summary
 
 
+def _event_class() -> Any:
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+    except ImportError:
+        return None
+    return Event
+
+
 def _layout_summary(layout: Layout) -> Any:
     """The custom-scalars layout as a summary (what ``SummaryWriter.add_custom_scalars`` writes, with the categories'
     ``closed`` flags, which it cannot set)."""
@@ -129,34 +137,40 @@ class TensorBoardSink(Sink):
         # torch's SummaryWriter writes tensorboard's protos; another writer (tensorboardX) gets add_scalar per tag
         torch_writer = type(writer).__module__.startswith("torch.utils.tensorboard")
         self._summary = _summary_class() if torch_writer and callable(getattr(writer, "_get_file_writer", None)) else None
+        self._event = _event_class() if self._summary is not None else None
         self._points: Dict[str, int] = {}  # diag/... tag -> points written, counted up to POINTS_TO_SHOW (O(tags))
         self._shown: Set[str] = set()  # tags with POINTS_TO_SHOW points: nothing more to count for them
         self._layout: Layout = []
+        self._layout_stale = False  # a tag got its points since the layout was last written
+        self._step = 0  # the step of the last scalars written
 
     def open(self, findings: Sequence[Finding]) -> None:
-        self._points, self._shown, self._layout = {}, set(), []
+        self._points, self._shown, self._layout, self._layout_stale = {}, set(), [], False
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        if self._summary is not None:
-            # One event holding every scalar (what ``add_scalar`` writes, once per call instead of once per tag):
-            # building a summary per tag was most of the cost of a sampled step on a small model.
-            summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))
-                                           for tag, value in scalars.items()])
-            self.writer._get_file_writer().add_summary(summary, step)
+        self._step = step
+        if self._event is not None:
+            # One event holding every scalar of the step (what ``add_scalar`` writes, once per step instead of once per
+            # tag), its values added in place (no Summary built and then copied into the Event).
+            event = self._event()
+            add = event.summary.value.add
+            for tag, value in scalars.items():
+                add(tag=tag, simple_value=float(value))
+            self.writer._get_file_writer().add_event(event, step)
         else:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, float(value), global_step=step)
         new = scalars.keys() - self._shown  # one set difference in C: empty on most steps once every tag is shown
-        if not new:
-            return
-        grown = False
         for tag in new:
             n = self._points.get(tag, 0) + 1
             self._points[tag] = n
             if n >= POINTS_TO_SHOW:
                 self._shown.add(tag)
-                grown = True
-        if grown:
+                self._layout_stale = True
+
+    def scalars_written(self, step: int) -> None:
+        if self._layout_stale:  # once per batch of steps, however many tags got their points in it
+            self._layout_stale = False
             self._update_layout(step)
 
     def _update_layout(self, step: int) -> None:
@@ -191,10 +205,12 @@ class TensorBoardSink(Sink):
     def flush(self, findings: Sequence[Finding], step: int) -> None:
         self.writer.add_text(TEXT_TAG, markdown_findings(findings), global_step=step)
         self.log_scalars(severity_counts(findings), step)
+        self.scalars_written(step)
         self.writer.flush()
 
     def close(self, findings: Sequence[Finding]) -> None:
         try:
+            self.scalars_written(self._step)
             self.writer.flush()
         except Exception:  # a writer closed by its logger already
             pass
