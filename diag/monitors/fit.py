@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -20,6 +21,18 @@ NAN = float("nan")
 # Class count for the chance level ln C is read off the integer targets of the first few training batches
 # (one max per batch, kept on the device, one host sync when they are done).
 CLASS_INFERENCE_BATCHES = 8
+
+
+def _metrics(trainer: Any) -> Dict[str, Any]:
+    """A copy of the trainer's ``callback_metrics``: taken once per hook (Lightning computes them anew on each access,
+    from every logged result: tens of microseconds)."""
+    return dict(getattr(trainer, "callback_metrics", {}) or {})
+
+
+@functools.lru_cache(maxsize=64)
+def _find_key(finder: Any, keys: Tuple[str, ...]) -> Optional[str]:
+    """``finder(keys)``, remembered: the logged keys are the same at every evaluation of a fit."""
+    return finder(keys)
 
 
 def _metric(metrics: Mapping[str, Any], key: Optional[str]) -> Any:
@@ -122,7 +135,7 @@ class FitMonitor(Monitor):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:  # a validation ran mid-epoch and training went on: its interval is complete
-            self._close(trainer, at_epoch_end=False)
+            self._close(trainer, at_epoch_end=False, metrics=_metrics(trainer))
         loss = loss_of(outputs)
         if loss is not None:
             if self._loss_scale != 1:
@@ -139,16 +152,17 @@ class FitMonitor(Monitor):
         if getattr(trainer, "sanity_checking", False) or not self._fitting(trainer):
             return
         self._validation_seen = True
-        metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
+        metrics = _metrics(trainer)
         if self._val_key is None or self._val_key not in metrics:
-            self._val_key = self.monitor or rules.find_validation_loss(metrics)
+            self._val_key = self.monitor or _find_key(rules.find_validation_loss, tuple(metrics))
         if self._val_key is None or self._val_key not in metrics:
             self.report_verdict(rules.no_validation_metric(list(metrics), self.monitor, True, self.epoch()))
             return
         if self._accuracy_key is None:
-            self._accuracy_key = rules.find_validation_accuracy(k for k in metrics if k != self._val_key)
+            self._accuracy_key = _find_key(rules.find_validation_accuracy,
+                                           tuple(k for k in metrics if k != self._val_key))
         if self._pending is not None:  # two validations without training in between
-            self._close(trainer, at_epoch_end=False)
+            self._close(trainer, at_epoch_end=False, metrics=metrics)
         epoch, step = self.epoch(), self.step()
 
         def use(values: List[float]) -> None:  # at the callback's read at the end of this validation (one for all)
@@ -158,10 +172,10 @@ class FitMonitor(Monitor):
         self._evaluations_this_epoch += 1
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        metrics = _metrics(trainer)
         if self._pending is not None:
-            self._close(trainer, at_epoch_end=True)
+            self._close(trainer, at_epoch_end=True, metrics=metrics)
         self._evaluations_this_epoch = 0
-        metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
         logged, _ = self._logged_train(metrics, at_epoch_end=True)
         mine = self._this_epoch.mean_tensor()
         self._this_epoch.reset()
@@ -186,9 +200,9 @@ class FitMonitor(Monitor):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._pending is not None:
-            self._close(trainer, at_epoch_end=False)
+            self._close(trainer, at_epoch_end=False, metrics=_metrics(trainer))
         if not self._validation_seen and not self._context.collector.has("no_validation_metric"):
-            metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
+            metrics = _metrics(trainer)
             self.report_verdict(rules.no_validation_metric(list(metrics), self.monitor, False, self.epoch()))
 
     # ---- evaluations ------------------------------------------------------------------------------
@@ -204,7 +218,7 @@ class FitMonitor(Monitor):
         if self.train_monitor is not None:
             return _metric(metrics, self.train_monitor), self.train_monitor
         if at_epoch_end:
-            key = rules.find_training_loss_epoch(metrics)
+            key = _find_key(rules.find_training_loss_epoch, tuple(metrics))
             if key is not None:
                 return _metric(metrics, key), key
         return None, "none"
@@ -215,13 +229,12 @@ class FitMonitor(Monitor):
         device = getattr(getattr(self._trainer, "strategy", None), "root_device", None) or "cpu"
         return self.reduce(torch.tensor(values, dtype=torch.float64, device=device), "mean").tolist()
 
-    def _close(self, trainer: Any, at_epoch_end: bool) -> None:
+    def _close(self, trainer: Any, at_epoch_end: bool, metrics: Mapping[str, Any]) -> None:
         """Record the pending evaluation with the training loss of the same interval, log and judge: the training
         figures are read with the callback's next batched host read (at once between steps: an epoch end, a validation
         end; at the next read step when training went on after a validation)."""
         val, accuracy, epoch, step = self._pending
         self._pending = None
-        metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
         logged, source = None, "none"
         if self.train_monitor is not None or (at_epoch_end and self._evaluations_this_epoch == 1):
             logged, source = self._logged_train(metrics, at_epoch_end)
