@@ -60,6 +60,64 @@ def test_layer_norms_and_update_tracker_match_brute_force():
     assert cos == pytest.approx(-1.0, abs=1e-5)
 
 
+def test_update_tracker_norms_are_those_of_the_plain_differences_bit_for_bit():
+    """The tracker snapshots -θ and adds θ in place (cheap kernels); its norms equal, to the bit, those of θ_{t+1} - θ_t
+    taken directly, and the second update's sum is that of Δθ_t + Δθ_{t+1}."""
+    torch.manual_seed(0)
+    net = mlp([5, 4, 3])
+    tracker = UpdateTracker(LayerGrouping(net.named_parameters()))
+    thetas = [[p.detach().clone() for p in net.parameters()]]
+    assert tracker.observe_norms(True, 3) is None and tracker.pending
+    found = []
+    for scale in (0.1, -0.03):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(scale * torch.randn_like(p))
+        thetas.append([p.detach().clone() for p in net.parameters()])
+        found.append(tracker.observe_norms(False, 9))
+    assert tracker.update_step == 3 and not tracker.pending
+    d0 = [b - a for a, b in zip(thetas[0], thetas[1])]
+    d1 = [b - a for a, b in zip(thetas[1], thetas[2])]
+    norms = lambda tensors: torch.stack(torch._foreach_norm(tensors))  # noqa: E731
+    assert found[0][0] is False and torch.equal(found[0][1], torch.cat([norms(d0), norms(thetas[0])]))
+    assert found[1][0] is True and torch.equal(found[1][1], torch.cat([
+        norms(d1), norms(thetas[1]), norms([b + a for a, b in zip(d0, d1)]), norms(d0)]))
+
+
+def _steps_called(monitor, hook):
+    """The global steps at which ``monitor.<hook>`` is called (routed like the original hook, see count_calls)."""
+    steps = []
+    original = getattr(monitor, hook).__func__
+
+    def recording(self, trainer, *args, **kwargs):
+        steps.append(trainer.global_step)
+        return original(self, trainer, *args, **kwargs)
+
+    setattr(monitor, hook, recording.__get__(monitor))
+    return steps
+
+
+def test_composed_monitor_is_called_only_for_its_work(tmp_path):
+    """Inside Diagnostics the optimizer-step hook runs on sampled and noise steps and on the two steps of each update
+    pair; the batch start (it keeps the batch for the noise pass) on noise steps alone."""
+    monitor = GradientMonitor(interval=7, warmup_steps=2, noise_scale_interval=5)
+    starts = _steps_called(monitor, "on_train_batch_start")
+    optimizer_steps = _steps_called(monitor, "on_before_optimizer_step")
+    callback = Diagnostics(console=False, gradients=monitor, loss_curve=False, activations=False, fit=False, data=False,
+                           setup_check=False, lr_probe=False)
+    pl.seed_everything(0)
+    train, _ = digits_loaders(batch_size=32, n_train=640)  # 32 samples: the noise pass 4 times rarer, every 20 steps
+    pl.Trainer(default_root_dir=str(tmp_path), max_steps=60, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, callbacks=[callback]).fit(
+        Classifier(mlp([64, 32, 10]), lr=1e-3), train)
+    sampled = [0, 1] + list(range(7, 60, 7))
+    noise = [0, 20, 40]
+    pairs = [0, 1, 2] + [s + k for s in sampled[2:] for k in (1, 2)]  # (the pair of step 0 takes in step 1's sample)
+    assert optimizer_steps == sorted({s for s in sampled + noise + pairs if s < 60})
+    assert starts == noise
+    assert next(iter(monitor._states.values())).cosine.count == len(sampled) - 1
+
+
 def test_arguments_are_validated():
     with pytest.raises(ValueError, match="interval"):
         GradientMonitor(interval=0)

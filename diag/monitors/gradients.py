@@ -19,10 +19,9 @@ import torch
 from diag import signals
 from diag.batch import batch_size, loss_of, take_samples
 from diag.detectors import gradients as rules
-from diag.stats.gradients import (EMA, LayerEMA, LayerGrouping, UpdateTracker, squared_norms,
-                                  stacked_norms, update_figures)
-from diag.stats.noise_pass import (MIN_SPLIT_BATCH, PartBatchRefused, part_batch_figures, part_size,
-                                   split_sq_norms)
+from diag.stats.gradients import (EMA, LayerEMA, LayerGrouping, UpdateTracker, squared_norms, stack_norms,
+                                  update_figures)
+from diag.stats.noise_pass import MIN_SPLIT_BATCH, PartBatchRefused, part_batch_figures, part_size, rest_sq_norm
 from diag.stats.noise_scale import GradientNoiseScale
 
 from .base import BACKOFF_AFTER, NEVER, Monitor, Schedule, backed_off_interval, check_positive_int  # noqa: F401 (re-exported)
@@ -38,11 +37,12 @@ RECENT_LOSSES = 6  # sampled losses kept to judge recent progress when no loss m
 def _norm_view(grad: torch.Tensor) -> torch.Tensor:
     """A dense tensor with the norm of ``grad``: a sparse gradient's stored values (coalesced: duplicates summed, as
     ``nn.Embedding(sparse=True)`` leaves them), else ``grad`` itself."""
-    if grad.layout == torch.sparse_coo:
+    layout = grad.layout
+    if layout == torch.strided:
+        return grad
+    if layout == torch.sparse_coo:
         return grad.coalesce().values()
-    if grad.layout != torch.strided:  # compressed sparse layouts store no duplicates
-        return grad.values()
-    return grad
+    return grad.values()  # compressed sparse layouts store no duplicates
 
 
 class _OptimizerState:
@@ -72,6 +72,12 @@ class _OptimizerState:
         self.samples = 0
         self.clip_checks = 0
         self.clipped = 0
+        # built once, not on every sample: each layer's scalar names, each parameter's short name (missing gradients)
+        layers = self.grouping.layers
+        self.grad_norm_tags = [f"diag/grad_norm/{layer}" for layer in layers]
+        self.ratio_tags = [f"diag/update_to_weight_ratio/{layer}" for layer in layers]
+        self.cosine_tags = [f"diag/update_cosine/{layer}" for layer in layers]
+        self.short_names = [name.rsplit(".", 1)[-1] for name in self.grouping.names]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"names": list(self.grouping.names), **save_state(self, self.STATE)}
@@ -142,6 +148,7 @@ class GradientMonitor(Monitor):
         self._noise = GradientNoiseScale(beta=0.9)  # logged: follows the run
         # judged: the recent window of raw estimates, averaged arithmetically with a confidence bound
         self._noise_window: Deque[Tuple[float, float, float, float]] = collections.deque(maxlen=rules.NOISE_WINDOW)
+        self._noise_window_estimate: Optional[Tuple[GradientNoiseScale, Dict[str, float]]] = None  # (_window_noise)
         self._batch: Any = None
         self._batch_idx = 0
         self._window_samples = 0
@@ -237,7 +244,7 @@ class GradientMonitor(Monitor):
         elif self.track_updates:
             state = self._states.get(id(optimizer))
             if state is not None and state.tracker.pending:
-                self._measure(trainer, pl_module, optimizer, step, False, False)
+                self._measure_update(self._state_for(trainer, pl_module, optimizer), step)
         self._backwards_in_window = 0
         if noise_step:
             self._batch, self._window_samples, self._micro_sq = None, 0, None
@@ -262,17 +269,22 @@ class GradientMonitor(Monitor):
 
     def wants(self, step: int) -> Dict[str, float]:
         """With automatic optimization (one optimizer step per batch at most, taken at the step the batch started with):
-        the batch hooks from the next sampled or noise step, or now while an update pair is open; the loss hook every
-        step while no loss monitor publishes the loss; ``on_after_backward`` only when accumulating. Under manual
-        optimization a batch can take several steps: every hook, every step."""
-        if not self._automatic or (self.track_updates and any(state.tracker.pending for state in self._states.values())):
-            wake = step
+        the optimizer-step hook from the next sampled or noise step, and now while an update pair is open; the batch's
+        start at noise steps (it keeps the batch for the estimate; when accumulating, every sampled step is one); its
+        end every step while no loss monitor publishes the loss (our own evidence), else at sampled steps;
+        ``on_after_backward`` only when accumulating. Under manual optimization a batch can take several steps: every
+        hook, every step."""
+        if not self._automatic:
+            wake = pair = start = sample = step
         else:
-            wake = self._samples.next_due(step)
-            if self.noise_scale_interval:
-                wake = min(wake, self._noise_steps.next_due(step))
-        return {"on_train_batch_start": wake, "on_before_optimizer_step": wake,
-                "on_train_batch_end": step if self._own_loss else wake,
+            sample = self._samples.next_due(step)
+            noise = self._noise_steps.next_due(step) if self.noise_scale_interval else NEVER
+            wake = min(sample, noise)
+            start = wake if self._accumulating else noise
+            pair = step if self.track_updates and any(state.tracker.pending for state in self._states.values()) \
+                else wake
+        return {"on_train_batch_start": start, "on_before_optimizer_step": pair,
+                "on_train_batch_end": step if self._own_loss else sample,
                 "on_after_backward": wake if self._accumulating else NEVER}
 
     def _release(self) -> None:
@@ -283,7 +295,7 @@ class GradientMonitor(Monitor):
     # ---- measurement --------------------------------------------------------------------------------
     def _state_for(self, trainer: Any, pl_module: Any, optimizer: Any) -> _OptimizerState:
         state = self._states.get(id(optimizer))
-        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        count = sum([len(g["params"]) for g in optimizer.param_groups])
         if state is None or state.param_count != count:
             if not self._names:
                 self._names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -313,55 +325,67 @@ class GradientMonitor(Monitor):
         """Take this step's figures on the device and hand them to the next batched host read (no host sync here);
         :meth:`_use_measurement` gets the numbers."""
         state = self._state_for(trainer, pl_module, optimizer)
-        g = state.grouping
+        params = state.grouping.params
         trainable: List[int] = []
         with_grad: List[int] = []
-        if sampled or noise:
-            trainable = [i for i, p in enumerate(g.params) if p.requires_grad]
-            with_grad = [i for i in trainable if g.params[i].grad is not None]
-            if not with_grad:  # training_step returned None: no backward, and the optimizer step changes nothing
-                sampled = noise = False
         grads: List[torch.Tensor] = []
-        pieces: List[torch.Tensor] = []
-        weight_norms = None
-        if sampled or noise:
-            grads = [_norm_view(g.params[i].grad.detach()) for i in with_grad]
+        for i, p in enumerate(params):  # (one pass: each attribute of a parameter is a call into torch)
+            if p.requires_grad:
+                trainable.append(i)
+                grad = p.grad
+                if grad is not None:
+                    with_grad.append(i)
+                    grads.append(_norm_view(grad))
+        if not with_grad:  # training_step returned None: no backward, and the optimizer step changes nothing
+            self._measure_update(state, step)
+            return
+        n = len(with_grad)
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        value_clip = bool(clip_val) and str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower() \
+            .endswith("value")
+        extra: List[torch.Tensor] = []  # figures of other dtypes or shapes, after the norms
+        with torch.no_grad():  # (no autograd bookkeeping for norms of parameters, instead of a detach per tensor)
             # gradient and weight norms of the same parameters in one batched norm (weights: gradient-to-weight ratio,
             # and the weights' norms of a new update pair when every parameter has a gradient); squared on the host
-            pieces.append(stacked_norms(grads + [g.params[i].detach() for i in with_grad]))
-            if len(with_grad) == len(g.params):
-                weight_norms = pieces[0][len(with_grad):]
-        update = state.tracker.observe_norms(sampled, step, weight_norms) if self.track_updates else None
+            norms = list(torch._foreach_norm(grads + (params if n == len(params) else [params[i] for i in with_grad])))
+            if value_clip:
+                device = grads[0].device
+                inf_norms = torch._foreach_norm(grads, float("inf"))
+                extra.append(torch.stack([x if x.device == device else x.to(device) for x in inf_norms]).amax()[None]
+                             .float())
+        update = None
+        if self.track_updates:
+            update = state.tracker.observe_norm_list(sampled, step, norms[n:] if n == len(params) else None)
+        update_kind, n_update = None, 0
+        if update is not None:  # stacked with this step's norms (one stack, read with them)
+            update_kind, n_update = update[0], len(update[1])
+            norms += update[1]
         # an update's figures are logged at the step its pair started (one TensorBoard event per gradient sample)
-        update_step = state.tracker.update_step if update is not None and state.tracker.update_step is not None \
-            else step
-        update_kind = update[0] if update is not None else None
-        if not sampled and not noise:
-            if update is not None:  # the second or third step of an update pair
-                self.read_on_host(update[1], lambda values: self._use_update(state, update_kind, values, update_step))
-            return
-        device = grads[0].device
-        clip_val = getattr(trainer, "gradient_clip_val", None)
-        algorithm = str(getattr(trainer, "gradient_clip_algorithm", "norm") or "norm").lower()
-        value_clip = bool(clip_val) and algorithm.endswith("value")
-        if value_clip:
-            norms = torch._foreach_norm(grads, float("inf"))
-            pieces.append(torch.stack([n if n.device == device else n.to(device) for n in norms]).amax()[None].float())
-        n_update = 0
-        if update is not None:
-            pieces.append(update[1] if update[1].device == device else update[1].to(device))
-            n_update = update[1].numel()
-        small = self._noise_small(trainer, pl_module, g, with_grad) if noise else None
+        update_step = self._update_step(state, step) if update is not None else step
+        small = self._noise_small(trainer, pl_module, state.grouping, with_grad) if noise else None
         if small is not None:
-            pieces.append(small[0])
+            extra.append(small[0])
         if sampled:
             self._sampled_step = step
-        layout = (len(with_grad), value_clip, update_kind, n_update, small[1:] if small is not None else None)
+        layout = (n, value_clip, update_kind, n_update, small[1:] if small is not None else None)
 
         def use(values: List[float]) -> None:
             self._use_measurement(state, step, sampled, trainable, with_grad, clip_val, layout, values, update_step)
 
-        self.read_on_host(torch.cat(pieces), use)
+        figures = stack_norms(norms)
+        self.read_on_host(torch.cat([figures] + extra) if extra else figures, use)
+
+    def _measure_update(self, state: _OptimizerState, step: int) -> None:
+        """The second or third step of an update pair (see :class:`UpdateTracker`), or a step without gradients."""
+        update = state.tracker.observe_norms(False, step) if self.track_updates else None
+        if update is not None:
+            kind, update_step = update[0], self._update_step(state, step)
+            self.read_on_host(update[1], lambda values: self._use_update(state, kind, values, update_step))
+
+    @staticmethod
+    def _update_step(state: _OptimizerState, step: int) -> int:
+        """The step the pair of the update just observed started at (where its figures are logged)."""
+        return state.tracker.update_step if state.tracker.update_step is not None else step
 
     def _use_measurement(self, state: _OptimizerState, step: int, sampled: bool, trainable: List[int],
                          with_grad: List[int], clip_val: Any, layout: Tuple[Any, ...], values: List[float],
@@ -370,18 +394,23 @@ class GradientMonitor(Monitor):
         g = state.grouping
         n, value_clip, update_kind, n_update, noise_layout = layout
         param_sq = [v * v for v in values[:n]]
-        weight_total_sq, rest = sum(v * v for v in values[n:2 * n]), values[2 * n:]
+        weight_total_sq = sum([v * v for v in values[n:2 * n]])
+        update_values, rest = values[2 * n:2 * n + n_update], values[2 * n + n_update:]
         max_abs = None
         if value_clip:
             max_abs, rest = rest[0], rest[1:]
-        update_values, small_values = rest[:n_update], rest[n_update:]
+        small_values = rest
         total_sq = sum(param_sq)
         if noise_layout is not None and math.isfinite(total_sq):
-            b_smalls, b_big = noise_layout
+            b_smalls, b_big, split = noise_layout
+            if split is not None:  # the pass's [|G_a|², |G_big|², <G_a, G_big>]: |G_b|² of the rest of the batch
+                first_sq, big_sq, dot = small_values
+                small_values = [first_sq, rest_sq_norm(first_sq, big_sq, dot, *split)]
             for small_sq, b_small in zip(small_values, b_smalls):
                 if math.isfinite(small_sq) and b_small < b_big:
                     self._noise.update(small_sq, total_sq, b_small, b_big)
                     self._noise_window.append((small_sq, total_sq, b_small, b_big))
+                    self._noise_window_estimate = None
         if update_kind is not None:
             self._use_update(state, update_kind, update_values, update_step)
         if not sampled:
@@ -390,16 +419,16 @@ class GradientMonitor(Monitor):
         # per-layer gradient norms
         layer_sq = [0.0] * len(g.layers)
         layer_has = [False] * len(g.layers)
-        layer_index = g.layer_index
-        for i, sq in zip(with_grad, param_sq):
-            layer_sq[layer_index[i]] += sq
-            layer_has[layer_index[i]] = True
+        layer_index, expected, had_grad, got = g.layer_index, state.expected, state.had_grad, state.got
         for i in trainable:
-            state.expected[i] += 1
+            expected[i] += 1
         for i, sq in zip(with_grad, param_sq):
-            state.had_grad[i] += 1
+            j = layer_index[i]
+            layer_sq[j] += sq
+            layer_has[j] = True
+            had_grad[i] += 1
             if sq != 0.0:
-                state.got[i] += 1
+                got[i] += 1
         total = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
         if total != 0:  # an all-zero gradient (e.g. zeroed, not freed, on a skipped step) says nothing about growth
             log_total = math.log10(total) if total > 0 and math.isfinite(total) else float("inf")
@@ -409,7 +438,7 @@ class GradientMonitor(Monitor):
         scalars: Dict[str, float] = {"diag/grad_norm": total}
         nonzero_layers = [j for j in range(len(g.layers)) if layer_has[j] and layer_sq[j] > 0 and math.isfinite(layer_sq[j])]
         for j in nonzero_layers:
-            scalars[f"diag/grad_norm/{g.layers[j]}"] = math.sqrt(layer_sq[j])
+            scalars[state.grad_norm_tags[j]] = math.sqrt(layer_sq[j])
         if weight_total_sq > 0 and math.isfinite(total):
             state.grad_to_weight.update(math.log10(max(total, 1e-30)) - 0.5 * math.log10(weight_total_sq))
             tiny = state.grad_to_weight.count >= EARLY_SAMPLES and rules.gradients_tiny(state.grad_to_weight.compute())
@@ -431,10 +460,12 @@ class GradientMonitor(Monitor):
         self.log_scalars(scalars, step)
         self._judge(state, step)
 
-    def _noise_small(self, trainer: Any, pl_module: Any, g: LayerGrouping,
-                     with_grad: List[int]) -> Optional[Tuple[torch.Tensor, List[int], int]]:
+    def _noise_small(self, trainer: Any, pl_module: Any, g: LayerGrouping, with_grad: List[int]
+                     ) -> Optional[Tuple[torch.Tensor, List[int], int, Optional[Tuple[int, int]]]]:
         """Squared norms of gradients over fewer samples at the current parameters, on the device, with their sample
-        counts and the big batch's: ``(squared norms, [b_small, ...], b_big)``; ``None`` when unavailable."""
+        counts and the big batch's: ``(squared norms, [b_small, ...], b_big, None)``; or, from the batch split on one
+        device, ``(part_batch_figures, [part, rest], b_big, (size, part))`` for the host to split (``rest_sq_norm``);
+        ``None`` when unavailable."""
         if not pl_module.automatic_optimization or not with_grad:
             return None
         world = max(1, int(getattr(trainer, "world_size", 1) or 1))
@@ -459,13 +490,14 @@ class GradientMonitor(Monitor):
             figures = self._part_batch_figures(trainer, pl_module, part, [g.params[i] for i in with_grad])
             if figures is None:
                 return None
-            small = split_sq_norms(figures, size, part)
+            if world == 1:
+                return figures, [part, size - part], size, (size, part)
             # Under DDP .grad is the all-reduced gradient, not this rank's whole batch: only the first part is usable.
-            small, b_smalls = (small, [part, size - part]) if world == 1 else (small[:1], [part])
+            small, b_smalls = figures[:1], [part]
             b_big = size * world
         if world > 1:  # every rank reaches this at the same (globally sampled) step: average the local estimates
             small = self.reduce(small.to(device=device, dtype=torch.float64), "mean")
-        return small, b_smalls, b_big
+        return small, b_smalls, b_big, None
 
     def _part_batch_figures(self, trainer: Any, pl_module: Any, part: int,
                             params: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -491,11 +523,11 @@ class GradientMonitor(Monitor):
         update_sq, weight_sq = parts["update_sq"], parts["weight_sq"]
         scalars: Dict[str, float] = {}
         log_ratios = []
-        for j, layer in enumerate(layers):
+        for j, tag in enumerate(state.ratio_tags):
             if update_sq[j] > 0 and weight_sq[j] > 0 and math.isfinite(update_sq[j]):
                 lr = 0.5 * (math.log10(update_sq[j]) - math.log10(weight_sq[j]))
                 log_ratios.append(lr)
-                scalars[f"diag/update_to_weight_ratio/{layer}"] = lr
+                scalars[tag] = lr
         if log_ratios:
             median = statistics.median(log_ratios)
             state.log_ratio.update(median)
@@ -512,7 +544,7 @@ class GradientMonitor(Monitor):
             for j, layer in enumerate(layers):
                 if update_sq[j] > 0 and prev_sq[j] > 0 and math.isfinite(dot[j]):
                     per_layer[layer] = dot[j] / math.sqrt(update_sq[j] * prev_sq[j])
-                    scalars[f"diag/update_cosine/{layer}"] = per_layer[layer]
+                    scalars[state.cosine_tags[j]] = per_layer[layer]
             state.layer_cosine.update(per_layer)
         if scalars:
             self.log_scalars(scalars, step)
@@ -562,8 +594,7 @@ class GradientMonitor(Monitor):
         found = rules.zigzag_updates(state.cosine.compute(), state.cosine.count, progress, stalled, worst_layer, worst)
         self._context.publish(signals.GRAD_ZIGZAG, found is not None)
         self.report_verdict(found)
-        window = self._window_noise()
-        est = window.compute()
+        window, est = self._window_noise()
         b = int(window.last_b_big) if window.count else 0
         self.report_verdict(rules.high_gradient_noise(est["noise_scale"], b, window.count, stalled, progress,
                                                       self._loss_fraction_of_initial()))
@@ -575,21 +606,26 @@ class GradientMonitor(Monitor):
                 self.request_probe(reason)
                 self._probe_requested = True  # one request per fit, whichever way the ratio left the range
 
-    def _window_noise(self) -> GradientNoiseScale:
-        window = GradientNoiseScale(beta=None)
-        for item in self._noise_window:
-            window.update(*item)
-        return window
+    def _window_noise(self) -> Tuple[GradientNoiseScale, Dict[str, float]]:
+        """The estimator over the recent window and its estimate, rebuilt only when the window changed (not on every
+        judged sample)."""
+        if self._noise_window_estimate is None:
+            window = GradientNoiseScale(beta=None)
+            for item in self._noise_window:
+                window.update(*item)
+            self._noise_window_estimate = window, window.compute()
+        return self._noise_window_estimate
 
     def _judge_missing(self, state: _OptimizerState) -> None:
+        if 0 not in state.got and 0 not in state.had_grad:
+            return  # every parameter got a non-zero gradient at least once: nothing to report
         by_layer: Dict[str, Tuple[List[str], List[str]]] = {}
         samples = 0
-        for i, name in enumerate(state.grouping.names):
+        for i, short in enumerate(state.short_names):
             exp = state.expected[i]
             samples = max(samples, exp)
             if not rules.missing_gradients_applies(exp):
                 continue
-            short = name.rsplit(".", 1)[-1]
             layer = state.grouping.layers[state.grouping.layer_index[i]]
             if state.had_grad[i] == 0:
                 by_layer.setdefault(layer, ([], []))[0].append(short)
@@ -614,4 +650,5 @@ class GradientMonitor(Monitor):
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
         super()._load_monitor_state(state)
+        self._noise_window_estimate = None
         self._pending_load = {int(k): v for k, v in state.get("optimizers", {}).items()}

@@ -63,14 +63,20 @@ class LayerGrouping:
 def stacked_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector on the first tensor's device (no host sync): one
     ``_foreach_norm`` and one stack. Square them on the host, once read."""
-    if not tensors:
+    return stack_norms(torch._foreach_norm(list(tensors)) if tensors else [])
+
+
+def stack_norms(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d norms (as ``torch._foreach_norm`` gives them, from one or several calls) as one float32 vector on the first
+    one's device: one ``stack``, where a ``cat`` of stacked pieces would take a stack per piece, slices and the cat."""
+    if not norms:
         return torch.zeros(0)
-    device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors))
-    if all(n.device == device for n in norms):
-        stacked = torch.stack(norms)
-        return stacked if stacked.dtype == torch.float32 else stacked.float()
-    return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])  # (model parallel)
+    try:
+        stacked = torch.stack(norms)  # (promotes mixed dtypes; the float32 cast below rounds each value once)
+    except RuntimeError:  # norms on several devices (model parallel), which stack refuses (asking each norm for its
+        device = norms[0].device  # device beforehand would cost a call per norm on every measurement)
+        return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    return stacked if stacked.dtype == torch.float32 else stacked.float()
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -90,7 +96,8 @@ def norms_and_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torc
     if n == 0:
         return torch.zeros(3, 0, dtype=torch.float64)
     sq = squared_norms(a + b + list(torch._foreach_add(a, b))).double().reshape(3, n)
-    return torch.stack([sq[0], sq[1], (sq[2] - sq[0] - sq[1]) / 2])
+    sq[2].sub_(sq[0]).sub_(sq[1]).div_(2)  # <a, b> in the row of |a + b|² (a new tensor: .double() copied)
+    return sq
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -141,7 +148,10 @@ class LayerEMA:
 
     def update(self, values: Dict[str, float]) -> None:
         for k, v in values.items():
-            self.emas.setdefault(k, EMA(self.beta)).update(v)
+            ema = self.emas.get(k)
+            if ema is None:  # (not setdefault: that would build an EMA per value only to drop it)
+                ema = self.emas[k] = EMA(self.beta)
+            ema.update(v)
 
     def compute(self) -> Dict[str, float]:
         return {k: e.compute() for k, e in self.emas.items()}
@@ -167,9 +177,10 @@ class UpdateTracker:
 
     def __init__(self, grouping: LayerGrouping) -> None:
         self.grouping = grouping
-        self._snapshot: Optional[List[torch.Tensor]] = None
-        self._snapshot_norm: Optional[torch.Tensor] = None  # ‖θ_t‖ per param
+        self._snapshot: Optional[List[torch.Tensor]] = None  # −θ_t (negated: see _observe)
+        self._snapshot_norm: Optional[List[torch.Tensor]] = None  # ‖θ_t‖ per param (0-d)
         self._previous_delta: Optional[List[torch.Tensor]] = None
+        self._previous_norm: Optional[List[torch.Tensor]] = None  # ‖Δθ_t‖ per param (0-d)
         self._pair_step: Optional[int] = None  # the step the pending pair started at
         self.update_step: Optional[int] = None  # the step of the pair the last returned update belongs to
 
@@ -178,7 +189,7 @@ class UpdateTracker:
         return self._snapshot is not None
 
     def release(self) -> None:
-        self._snapshot = self._snapshot_norm = self._previous_delta = None
+        self._snapshot = self._snapshot_norm = self._previous_delta = self._previous_norm = None
 
     def observe(self, start_pair: bool, step: Optional[int] = None) -> Optional[Dict[str, torch.Tensor]]:
         """Finish a pending update (if any) and snapshot when a pair starts or continues.
@@ -202,52 +213,55 @@ class UpdateTracker:
                 "previous_update_sq": per_layer[3]}
 
     def observe_norms(self, start_pair: bool, step: Optional[int] = None,
-                      weight_norms: Optional[torch.Tensor] = None) -> Optional[Tuple[bool, torch.Tensor]]:
+                      weight_norms: Optional[Sequence[torch.Tensor]] = None) -> Optional[Tuple[bool, torch.Tensor]]:
         """:meth:`observe` with the figures per parameter, as norms (not squared) in one float32 vector on the device:
         ``(False, [‖Δθ_t‖, ‖θ_t‖])`` for the first update of a pair, ``(True, [‖Δθ_{t+1}‖, ‖θ_{t+1}‖,
         ‖Δθ_{t+1} + Δθ_t‖, ‖Δθ_t‖])`` for the second (``<a, b> = (‖a + b‖² − ‖a‖² − ‖b‖²) / 2``), each part one
-        entry per parameter; ``None`` when no update finished. Five kernels per call. :attr:`update_step` is then the
-        ``step`` the pair started at. ``weight_norms``: the parameters' norms when the caller has them already (one per
-        parameter, as :func:`stacked_norms` gives them), for the snapshot of a new pair.
+        entry per parameter; ``None`` when no update finished. Four kernels per call. :attr:`update_step` is then the
+        ``step`` the pair started at. ``weight_norms``: the parameters' norms when the caller has them already (one
+        0-d tensor per parameter, as ``torch._foreach_norm`` gives them), for the snapshot of a new pair.
         """
+        found = self.observe_norm_list(start_pair, step, weight_norms)
+        return None if found is None else (found[0], stack_norms(found[1]))
+
+    def observe_norm_list(self, start_pair: bool, step: Optional[int] = None,
+                          weight_norms: Optional[Sequence[torch.Tensor]] = None
+                          ) -> Optional[Tuple[bool, List[torch.Tensor]]]:
+        """:meth:`observe_norms` with the norms as a list of 0-d tensors, for a caller that stacks them with its own
+        (one ``stack`` for all of a step's figures)."""
         with torch.no_grad():  # no autograd bookkeeping for the copies and differences
             return self._observe(self.grouping.params, start_pair, step, weight_norms)
 
     def _observe(self, params: List[torch.Tensor], start_pair: bool, step: Optional[int],
-                 weight_norms: Optional[torch.Tensor]) -> Optional[Tuple[bool, torch.Tensor]]:
-        out: Optional[Tuple[bool, torch.Tensor]] = None
-        continue_pair = False
-        next_norm: Optional[torch.Tensor] = None
+                 weight_norms: Optional[Sequence[torch.Tensor]]) -> Optional[Tuple[bool, List[torch.Tensor]]]:
+        # The snapshot holds −θ (``_foreach_neg``: one cheap kernel; a copy by ``_foreach_mul(θ, 1.0)`` costs three
+        # times as much on CPU), so that the update is one in-place add: −θ_t + θ_{t+1} = Δθ_t. IEEE rounding is
+        # symmetric in sign, so this is bit for bit the negation of θ_t − θ_{t+1}, and every norm the same.
+        out: Optional[Tuple[bool, List[torch.Tensor]]] = None
         self.update_step = self._pair_step
-        n = len(params)
         if self._snapshot is not None:
             delta = self._snapshot
-            # −Δθ = θ_before − θ_now, in place in the snapshot buffer (one kernel; the sign is the same for both
-            # updates of a pair, so norms and the cosine are those of Δθ)
-            torch._foreach_sub_(delta, params)
-            if self._previous_delta is not None:
-                # ‖Δθ_{t+1}‖, ‖Δθ_{t+1} + Δθ_t‖ and ‖Δθ_t‖ in one batched norm
-                previous = self._previous_delta
-                norms = stacked_norms(list(delta) + list(torch._foreach_add(delta, previous)) + list(previous))
-                out = (True, torch.cat([norms[:n], self._snapshot_norm, norms[n:]]))
-                self._previous_delta = None
-                self._snapshot = self._snapshot_norm = None
-            else:
-                # ‖Δθ_t‖ and ‖θ_{t+1}‖ (the pair's second snapshot) in one batched norm
-                norms = stacked_norms(list(delta) + list(params))
-                next_norm = norms[n:]
-                out = (False, torch.cat([norms[:n], self._snapshot_norm]))
-                self._previous_delta = delta
-                self._snapshot = self._snapshot_norm = None
-                continue_pair = True
-        if start_pair or continue_pair:
-            if not continue_pair:
-                self._pair_step = step
-            self._snapshot = list(torch._foreach_mul(params, 1.0))  # a copy of every parameter in one call (x*1 is exact)
-            if continue_pair:
-                self._snapshot_norm = next_norm
-            else:
-                self._snapshot_norm = weight_norms if weight_norms is not None else stacked_norms(params)
+            torch._foreach_add_(delta, params)
+            n = len(params)
+            if self._previous_delta is None:
+                # ‖Δθ_t‖ and ‖θ_{t+1}‖ (the norm of the pair's second snapshot) in one batched norm
+                norms = list(torch._foreach_norm(delta + params))
+                out = (False, norms[:n] + self._snapshot_norm)
+                # Δθ_t and its norms are kept for the second update; the snapshot θ_{t+1} continues the pair
+                self._previous_delta, self._previous_norm = delta, norms[:n]
+                self._snapshot, self._snapshot_norm = list(torch._foreach_neg(params)), norms[n:]
+                return out
+            # Δθ_t + Δθ_{t+1} in place in Δθ_t's buffer (its norm was kept from the first update): ‖Δθ_{t+1}‖ and
+            # ‖Δθ_{t+1} + Δθ_t‖ in one batched norm
+            previous = self._previous_delta
+            torch._foreach_add_(previous, delta)
+            norms = list(torch._foreach_norm(delta + previous))
+            out = (True, norms[:n] + self._snapshot_norm + norms[n:] + self._previous_norm)
+            self.release()
+        if start_pair:
+            self._pair_step = step
+            self._snapshot = list(torch._foreach_neg(params))
+            self._snapshot_norm = list(weight_norms if weight_norms is not None else torch._foreach_norm(params))
         return out
 
 

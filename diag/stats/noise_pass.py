@@ -85,9 +85,14 @@ def part_batch_figures(module: nn.Module, step: Callable[[Any], Any], part: Any,
 
 def split_sq_norms(figures: torch.Tensor, size: int, part: int) -> torch.Tensor:
     """``[|G_a|², |G_b|²]`` from :func:`part_batch_figures`' ``[|G_a|², |G_big|², <G_a, G_big>]``: the first ``part``
-    samples and the other ``size - part``, the second without a pass. ``G_big = (h G_a + (B-h) G_b) / B``, so
-    ``G_b = (B G_big - h G_a) / (B-h)``."""
+    samples and the other ``size - part``, the second without a pass (:func:`rest_sq_norm`)."""
     first_sq, big_sq, dot = figures.unbind()
+    return torch.stack([first_sq, rest_sq_norm(first_sq, big_sq, dot, size, part)])
+
+
+def rest_sq_norm(first_sq: Any, big_sq: Any, dot: Any, size: int, part: int) -> Any:
+    """``|G_b|²`` of the ``size - part`` samples after the first ``part``: ``G_big = (h G_a + (B-h) G_b) / B``, so
+    ``G_b = (B G_big - h G_a) / (B-h)``. On tensors or on the figures read as floats: the same float64 operations in
+    the same order, so the same value to the bit (the monitor splits on the host, without six small kernels)."""
     rest = size - part
-    second_sq = (size ** 2 * big_sq - 2 * size * part * dot + part ** 2 * first_sq) / rest ** 2
-    return torch.stack([first_sq, second_sq])
+    return (size ** 2 * big_sq - 2 * size * part * dot + part ** 2 * first_sq) / rest ** 2
