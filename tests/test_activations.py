@@ -165,6 +165,38 @@ def test_state_round_trip():
     assert all(math.isclose(a[k], b[k], rel_tol=1e-6) for k in a if k not in ("samples",))
 
 
+def _same_summaries(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(x[k] == y[k] or (x[k] != x[k] and y[k] != y[k])
+                                                                 for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 7])
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+def test_kept_batches_fold_bit_for_bit_as_batches_folded_at_once(steps, mixed_dtypes):
+    """The batches a layer keeps are folded for every layer at once when the window is summarized: the summaries and
+    the checkpoint equal, bit for bit, those of each batch folded into its layer as it came; a checkpoint taken in the
+    middle of the window changes nothing (a float64 layer among float32 ones takes the layer-by-layer path)."""
+    g = torch.Generator().manual_seed(steps)
+    settings = [{}, {"saturation": (0.01, 0.99)}, {}, {"saturation": (-0.99, 0.99)}]
+    activations = [torch.relu, torch.sigmoid, lambda t: t - 0.3, torch.tanh]
+    kept, at_once, checkpointed = ([FeatureMoments(**s) for s in settings] for _ in range(3))
+    for step in range(steps):
+        for i, activation in enumerate(activations):
+            x = activation(torch.randn(16, 3 + 5 * i, generator=g) * 3)
+            x = x.double() if mixed_dtypes and i == 2 else x
+            for m in (kept[i], at_once[i], checkpointed[i]):
+                assert m.update(x)
+            at_once[i].fold()
+            checkpointed[i].state_dict()
+    assert all(len(m._kept) == steps for m in kept + checkpointed) and not any(m._kept for m in at_once)
+    expected = summarize_all(at_once)
+    assert _same_summaries(summarize_all(kept), expected) and _same_summaries(summarize_all(checkpointed), expected)
+    for m, reference in zip(kept, at_once):
+        a, b = m.state_dict(), reference.state_dict()
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
 def test_hooked_fit_logs_exact_first_batch_moments(tmp_path):
     """Only step 0 is sampled (window 1): the logged input mean/std of each layer equal the batch's exact moments."""
     seen = {}

@@ -16,7 +16,8 @@ from diag import Severity
 from diag.batch import batch_parts, split_batch
 from diag.callbacks import DataMonitor
 from diag.detectors import data as rules
-from diag.stats.data import DigestSet, FeatureMoments, LabelCounts, feature_axis, sample_digests, summarize
+from diag.stats.data import (KEPT_TARGET_BATCHES, DigestSet, FeatureMoments, LabelCounts, feature_axis,
+                             sample_digests, summarize)
 from tests.helpers import Classifier, LClassifier, codes, digits_loaders, digits_tensors, fit, mlp, state_equal
 
 
@@ -434,6 +435,31 @@ def test_label_counts_match_bincount():
     assert soft.update(torch.tensor([0.0, 1.0, 0.3])) and soft.compute()["other"] == 1
     seq = LabelCounts()
     assert not seq.update(torch.zeros(4, 6, dtype=torch.long)) and seq.compute() is None
+
+
+def test_label_counts_count_the_labels_as_they_were_in_bounded_groups():
+    """Labels are counted from a copy, in groups of KEPT_TARGET_BATCHES batches (bounded memory, no kernel per batch
+    but a copy): a loader that refills one buffer and a training step that shifts the labels in place afterwards change
+    nothing; the counts equal bincount over every batch as it was handed over."""
+    g = torch.Generator().manual_seed(0)
+    counts, binary = LabelCounts(), LabelCounts()
+    buffer, flags = torch.empty(32, dtype=torch.long), torch.empty(32, 1)
+    seen, seen_flags = [], []
+    for _ in range(2 * KEPT_TARGET_BATCHES + 5):
+        buffer.copy_(torch.randint(0, 5, (32,), generator=g))  # one buffer, refilled for every batch
+        flags.copy_((torch.rand(32, 1, generator=g) > 0.8).float())
+        seen.append(buffer.clone())
+        seen_flags.append(flags.clone())
+        assert counts.update(buffer) and binary.update(flags)
+        buffer.add_(1)  # e.g. 1-based labels shifted in place by the training step
+        flags.mul_(3)
+        assert len(counts._kept) <= KEPT_TARGET_BATCHES
+    out = counts.compute()
+    assert out["kind"] == "integer" and out["counts"] == torch.bincount(torch.cat(seen), minlength=5).tolist()
+    flags_out = binary.compute()
+    positives = int(torch.cat(seen_flags).sum())
+    assert flags_out["kind"] == "binary_float" and flags_out["other"] == 0
+    assert flags_out["counts"] == [len(seen_flags) * 32 - positives, positives]
 
 
 def test_digests_ignore_padding_and_tell_samples_apart():

@@ -156,37 +156,36 @@ class ActivationMonitor(Monitor):
             if not self._measuring:
                 return None
             try:
-                measure(args)
+                if self._weights_seen == 0:
+                    layer.data_facing = True  # the first weight layer of the forward reads the data
+                layer.normalized_in_front = self._norm_since_weight
+                act = self._act_since_weight
+                layer.feeder, layer.feeder_type = act or (None, None)
+                layer.fed_by_module = act is not None
+                self._weights_seen += 1
+                self._act_since_weight, self._norm_since_weight = None, False
+                self._last_feature_dim = feature_dim
+                if args and isinstance(args[0], torch.Tensor):
+                    x, last = args[0], self._last_output
+                    if last is not None and last[0] is x and last[1].feature_dim == feature_dim % max(x.dim(), 1):
+                        layer.moments.add(last[1])  # the activation's output, already reduced: no second pass
+                    else:
+                        layer.moments.update(x, feature_dim)
             except Exception as exc:  # a forward hook runs inside the user's forward: never raise there
                 self._fail(exc, f"forward pre-hook of {name}")
             return None
-
-        def measure(args: tuple) -> None:
-            if self._weights_seen == 0:
-                layer.data_facing = True  # the first weight layer of the forward reads the data
-            layer.normalized_in_front = self._norm_since_weight
-            layer.feeder, layer.feeder_type = self._act_since_weight or (None, None)
-            layer.fed_by_module = self._act_since_weight is not None
-            self._weights_seen += 1
-            self._act_since_weight, self._norm_since_weight = None, False
-            self._last_feature_dim = feature_dim
-            if args and torch.is_tensor(args[0]):
-                x, last = args[0], self._last_output
-                if last is not None and last[0] is x and last[1].feature_dim == feature_dim % max(x.dim(), 1):
-                    layer.moments.add(last[1])  # the activation's output, already reduced: no second pass
-                else:
-                    layer.moments.update(x, feature_dim)
 
         return pre_hook
 
     def _activation_hook(self, name: str, type_name: str, measured: bool):
         layer = self._layer(name, "activation", type_name) if measured else None
+        order = (name, type_name)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self._measuring:
                 return None
-            self._act_since_weight = (name, type_name)
-            if layer is not None and torch.is_tensor(output):
+            self._act_since_weight = order
+            if layer is not None and isinstance(output, torch.Tensor):
                 try:
                     dim = 1 if output.dim() > 2 and self._last_feature_dim == 1 else -1
                     batch = FeatureMoments.reduce(output, dim, layer.moments.saturation)
@@ -292,14 +291,15 @@ class ActivationMonitor(Monitor):
             total = self.reduce(torch.cat(flats), "sum")
             for layer, chunk in zip(layers, total.split([f.numel() for f in flats])):
                 layer.moments.load_flat(chunk)
-        table = summary_table([layer.moments for layer in layers])
-        for layer in layers:
-            layer.moments.reset()
+        moments = [layer.moments for layer in layers]
+        table = summary_table(moments)
+        for m in moments:
+            m.reset()
         self._windows += 1
         if table is None:
             return
         step = self.step()
-        self.read_on_host(table, lambda values: self._judge(layers, summaries_from(values, len(layers)), step))
+        self.read_on_host(table, lambda values: self._judge(layers, summaries_from(values, moments), step))
 
     def _judge(self, layers: List[_Layer], summaries: List[Mapping[str, float]], step: Optional[int] = None) -> None:
         signs = rules.symptoms(self._context.signals)

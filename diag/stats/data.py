@@ -2,8 +2,8 @@
 
 Each statistic reduces a batch at once to a few numbers per feature (or per class) kept on the batch's device,
 so that reading it costs one host transfer when the rule runs, not one per batch. Memory is bounded: O(features)
-for the moments, O(classes) for the counts, a capped set for the digests. Nothing here changes the tensors it
-reads (every operation makes a new tensor).
+for the moments, O(classes) and the labels of up to 64 batches for the counts, a capped set for the digests. Nothing
+here changes the tensors it reads (every operation makes a new tensor).
 
 Example::
 
@@ -15,8 +15,9 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import hashlib
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Deque, Dict, Iterable, List, Optional
 
 import torch
 
@@ -28,6 +29,9 @@ MAX_FEATURES = 65536
 MAX_VALUES_PER_BATCH = 65536
 # Bytes hashed per training batch (the first samples of a batch): bounds the host copy and the hashing cost.
 MAX_HASH_BYTES_PER_BATCH = 4 * 2**20
+# Target batches a LabelCounts keeps (copies, in a deque of this length) before counting them all with one scatter: a
+# kernel per batch instead of four, and memory bounded by this many batches of labels.
+KEPT_TARGET_BATCHES = 64
 # Per-channel images: a last dimension of this size, after a larger second one, is taken as channels-last (N, H, W, C).
 _CHANNEL_SIZES = (1, 2, 3, 4)
 
@@ -55,6 +59,11 @@ def feature_axis(shape: torch.Size) -> Optional[int]:
     if dims == 5:
         return 1
     return None
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()``, without the dispatcher call when ``x`` already is float32 (then it is ``x`` itself)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _float_input(x: Any) -> bool:
@@ -103,18 +112,20 @@ class FeatureMoments:
         features = int(x.shape[axis])
         if features == 0 or features > MAX_FEATURES or (self.sum is not None and features != self.sum.numel()):
             return False
-        per_sample = max(1, x[:1].numel())
-        x = x[: max(1, self.max_values // per_sample)]
+        per_sample = max(1, x.numel() // x.shape[0])
+        keep = max(1, self.max_values // per_sample)
+        if x.shape[0] > keep:
+            x = x[:keep]
         dims = tuple(d for d in range(x.dim()) if d != axis)
         view = [1] * x.dim()
         view[axis] = features
         if self.shift is None:
             self.shift = x.mean(dims, dtype=torch.float32)
-        centered = x.float() - self.shift.view(view)
+        centered = _float32(x) - self.shift.view(view)
         acc = _accumulation_dtype(x.device)
         batch_sum = centered.sum(dims).to(acc)
         batch_sq = centered.square().sum(dims).to(acc)
-        batch_min, batch_max = x.amin(dims).float(), x.amax(dims).float()
+        batch_min, batch_max = _float32(x.amin(dims)), _float32(x.amax(dims))
         batch_non_integer = (torch.frac(x) != 0).sum(dims)
         if self.sum is None:
             self.sum, self.sum_sq, self.min, self.max = batch_sum, batch_sq, batch_min, batch_max
@@ -149,7 +160,8 @@ def summarize(x: torch.Tensor, axis: Optional[int] = None) -> Optional[Dict[str,
 
 
 class LabelCounts:
-    """How often each class label occurs, counted on the device without a host sync per batch.
+    """How often each class label occurs, counted on the device without a host sync per batch (a copy of each batch's
+    labels is kept and counted with the next ones, every :data:`KEPT_TARGET_BATCHES` batches and in :meth:`compute`).
 
     Integer labels ``0 .. max_classes-1`` are counted per class; larger ones go to an overflow count and negative
     ones (``ignore_index``, e.g. -100) to the ``other`` count. Float targets count as binary labels while every value
@@ -165,7 +177,8 @@ class LabelCounts:
         # bins: 0 = other (negative / not 0-1), 1 .. max_classes = labels 0 .. max_classes-1, last = overflow
         self.counts: Optional[torch.Tensor] = None
         self.kind: Optional[str] = None  # "integer" or "binary_float"; "unsupported" once shapes/kinds disagree
-        self._one: Optional[torch.Tensor] = None
+        # copies of the labels of the batches not counted yet
+        self._kept: Deque[torch.Tensor] = collections.deque(maxlen=KEPT_TARGET_BATCHES)
 
     def update(self, targets: torch.Tensor) -> bool:
         """Count one batch of targets; ``False`` when they are not one class label per sample."""
@@ -176,28 +189,44 @@ class LabelCounts:
             y = y[:, 0]
         if y.dim() != 1 or y.numel() == 0 or y.is_complex():
             if self.kind is not None:
-                self.kind = "unsupported"
+                self._unsupported()
             return False
-        k = self.max_classes
-        if y.is_floating_point():
-            kind = "binary_float"
-            index = torch.where(y == 0, 1, torch.where(y == 1, 2, 0))
-        else:
-            kind = "integer"
-            index = y.long().clamp(-1, k) + 1
+        kind = "binary_float" if y.is_floating_point() else "integer"
         if self.kind not in (None, kind):
-            self.kind = "unsupported"
+            self._unsupported()
             return False
         self.kind = kind
+        if len(self._kept) == KEPT_TARGET_BATCHES:
+            self._count_kept()
+        # a copy: the batch's tensor may be changed in place by the training step, or refilled by the loader
+        self._kept.append(y.clone())
+        return True
+
+    def _unsupported(self) -> None:
+        self.kind = "unsupported"
+        self._kept.clear()  # never counted: compute() answers None from now on
+
+    def _count_kept(self) -> None:
+        """Count the kept labels: one ``cat``, the bin of each label, one ``scatter_add_`` (no host sync)."""
+        if not self._kept:
+            return
+        y = torch.cat(list(self._kept)) if len(self._kept) > 1 else self._kept[0]
+        self._kept.clear()
+        k = self.max_classes
+        if self.kind == "binary_float":
+            index = torch.where(y == 0, 1, torch.where(y == 1, 2, 0))
+        else:
+            index = y.long().clamp(-1, k) + 1
         if self.counts is None:
             self.counts = torch.zeros(k + 2, dtype=torch.long, device=y.device)
-            self._one = torch.ones(1, dtype=torch.long, device=y.device)
-        self.counts.scatter_add_(0, index, self._one.expand(index.shape[0]))
-        return True
+        self.counts.scatter_add_(0, index, torch.ones_like(index))
 
     def compute(self) -> Optional[Dict[str, object]]:
         """``{"kind", "counts" (list per label up to the largest seen), "overflow", "other"}`` or ``None``."""
-        if self.counts is None or self.kind in (None, "unsupported"):
+        if self.kind in (None, "unsupported"):
+            return None
+        self._count_kept()
+        if self.counts is None:
             return None
         values: List[int] = self.counts.cpu().tolist()
         other, per_class, overflow = values[0], values[1: self.max_classes + 1], values[self.max_classes + 1]
