@@ -102,6 +102,8 @@ def dataclass_fields(batch: Any) -> dict:
 
 def split_batch(batch: Any) -> Optional[BatchParts]:
     """The inputs and targets of ``batch`` for the common shapes, or ``None`` when the shape is not recognized."""
+    if type(batch) in (tuple, list):  # the common batch, checked first (the Mapping and dataclass checks cost more)
+        return _from_sequence(batch)
     if isinstance(batch, torch.Tensor):
         return BatchParts(batch, None) if batch.dim() > 0 else None
     if isinstance(batch, Mapping):
@@ -111,13 +113,19 @@ def split_batch(batch: Any) -> Optional[BatchParts]:
         fields = dataclass_fields(batch)
         named = split_batch(fields)  # obvious field names first, then the fields in order, like a tuple
         return named if named is not None and named.inputs is not None else split_batch(tuple(fields.values()))
-    if isinstance(batch, (tuple, list)) and batch:
-        inputs = _tensor(batch[0])
-        if inputs is None or inputs.dim() == 0:
-            return None  # e.g. ((x1, x2), y): several inputs, we do not guess which one matters
-        targets = _tensor(batch[1]) if len(batch) == 2 else None
-        return BatchParts(inputs, _same_batch(inputs, targets))
+    if isinstance(batch, (tuple, list)):
+        return _from_sequence(batch)
     return None
+
+
+def _from_sequence(batch: Sequence[Any]) -> Optional[BatchParts]:
+    if not batch:
+        return None
+    inputs = _tensor(batch[0])
+    if inputs is None or inputs.dim() == 0:
+        return None  # e.g. ((x1, x2), y): several inputs, we do not guess which one matters
+    targets = _tensor(batch[1]) if len(batch) == 2 else None
+    return BatchParts(inputs, _same_batch(inputs, targets))
 
 
 def tensor_at(batch: Any, key: Key) -> Optional[torch.Tensor]:
