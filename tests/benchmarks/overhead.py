@@ -1,10 +1,11 @@
 """Overhead of ``Diagnostics()`` at its defaults: times ``Trainer.fit`` with and without it, alternating the two
 in one process, and prints the median ratios.
 
-Three workloads (SPEC targets):
+Four workloads (SPEC targets), and the stalled run of issue 13:
   cnn          a small CNN on 3x32x32 inputs, batch 64               target <= 1.03
   transformer  a 2-layer Transformer encoder on token sequences      target <= 1.03
-  mlp          a small MLP whose step is mostly Lightning's overhead target <= 1.05
+  mlp          a small MLP whose step is mostly Lightning's overhead target <= 1.05 (1.8-3 ms/step on a 2-core CPU)
+  mlp5         the SPEC's "5 ms/step MLP": 128-384-384-10, batch 128  target <= 1.05
   stuck        the MLP at chance for 150 steps: the probe runs        target <= 1.15 (its time budget included)
 
 Two methods (``--method``):
@@ -71,7 +72,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from diag.callbacks import Diagnostics, LearningRateProbe  # noqa: E402
 
 MONITOR_ARGS = ("loss_curve", "lr_probe", "gradients", "activations", "fit", "setup_check", "data")
-TARGETS = {"cnn": 1.03, "transformer": 1.03, "mlp": 1.05, "stuck": 1.15}  # issue 16 (mlp); stuck: issue 13, probe included
+TARGETS = {"cnn": 1.03, "transformer": 1.03, "mlp": 1.05, "mlp5": 1.05, "stuck": 1.15}  # issue 16 (mlp); stuck: issue 13, probe included
 
 
 # ---- workloads ------------------------------------------------------------------------------------------
@@ -140,6 +141,17 @@ def make_workload(name: str, seed: int = 0):
 
         def factory():
             return Workload(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), ce)
+        steps = 300
+    elif name == "mlp5":
+        # The SPEC's "5 ms/step MLP": the same kind of model, wide enough that a step takes about 5 ms on one CPU thread
+        # (5.5 ms on this 2-core machine; the `mlp` above takes 1.8-3 ms, most of it Lightning's own per-step work).
+        x = torch.randn(128 * 24, 128, generator=g)
+        y = (x @ torch.randn(128, 10, generator=g)).argmax(1)  # a linear teacher: learnable, a healthy run
+        batch = 128
+
+        def factory():
+            return Workload(nn.Sequential(nn.Linear(128, 384), nn.ReLU(), nn.Linear(384, 384), nn.ReLU(),
+                                          nn.Linear(384, 10)), ce)
         steps = 300
     elif name == "stuck":
         # issue 13: a 150-step fit whose loss stays at chance (labels drawn at random: nothing to learn). The loss
@@ -468,8 +480,8 @@ def bench(name: str, args) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["cnn", "transformer", "mlp"],
-                        choices=["cnn", "transformer", "mlp", "stuck"])
+    parser.add_argument("--models", nargs="+", default=["cnn", "transformer", "mlp", "mlp5"],
+                        choices=["cnn", "transformer", "mlp", "mlp5", "stuck"])
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs per variant (median taken)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per fit (0: per-workload default)")
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the per-step time")
