@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diag.batch import take_samples
-from diag.stats.noise_pass import PartBatchRefused, part_batch_figures, part_size, split_sq_norms
+from diag.stats.noise_pass import PartBatchRefused, part_batch_figures, part_size, rest_sq_norm
 
 
 class Net(nn.Module):
@@ -53,7 +53,7 @@ def test_figures_match_autograd_and_nothing_is_left_behind():
     assert figures[0].item() == pytest.approx(float(small @ small), rel=1e-5)
     assert figures[1].item() == pytest.approx(float(big @ big), rel=1e-5)
     assert figures[2].item() == pytest.approx(float(small @ big), rel=1e-5)
-    assert split_sq_norms(figures, 32, part)[1].item() == pytest.approx(float(rest @ rest), rel=1e-4)
+    assert rest_sq_norm(*figures.tolist(), 32, part) == pytest.approx(float(rest @ rest), rel=1e-4)
     assert model.calls == calls and model.logged == logged and "log" not in model.__dict__
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in params)

@@ -148,7 +148,6 @@ class GradientMonitor(Monitor):
         self._noise = GradientNoiseScale(beta=0.9)  # logged: follows the run
         # judged: the recent window of raw estimates, averaged arithmetically with a confidence bound
         self._noise_window: Deque[Tuple[float, float, float, float]] = collections.deque(maxlen=rules.NOISE_WINDOW)
-        self._noise_window_estimate: Optional[Tuple[GradientNoiseScale, Dict[str, float]]] = None  # (_window_noise)
         self._batch: Any = None
         self._batch_idx = 0
         self._window_samples = 0
@@ -410,7 +409,6 @@ class GradientMonitor(Monitor):
                 if math.isfinite(small_sq) and b_small < b_big:
                     self._noise.update(small_sq, total_sq, b_small, b_big)
                     self._noise_window.append((small_sq, total_sq, b_small, b_big))
-                    self._noise_window_estimate = None
         if update_kind is not None:
             self._use_update(state, update_kind, update_values, update_step)
         if not sampled:
@@ -594,7 +592,8 @@ class GradientMonitor(Monitor):
         found = rules.zigzag_updates(state.cosine.compute(), state.cosine.count, progress, stalled, worst_layer, worst)
         self._context.publish(signals.GRAD_ZIGZAG, found is not None)
         self.report_verdict(found)
-        window, est = self._window_noise()
+        window = self._window_noise()
+        est = window.compute()
         b = int(window.last_b_big) if window.count else 0
         self.report_verdict(rules.high_gradient_noise(est["noise_scale"], b, window.count, stalled, progress,
                                                       self._loss_fraction_of_initial()))
@@ -606,19 +605,15 @@ class GradientMonitor(Monitor):
                 self.request_probe(reason)
                 self._probe_requested = True  # one request per fit, whichever way the ratio left the range
 
-    def _window_noise(self) -> Tuple[GradientNoiseScale, Dict[str, float]]:
-        """The estimator over the recent window and its estimate, rebuilt only when the window changed (not on every
-        judged sample)."""
-        if self._noise_window_estimate is None:
-            window = GradientNoiseScale(beta=None)
-            for item in self._noise_window:
-                window.update(*item)
-            self._noise_window_estimate = window, window.compute()
-        return self._noise_window_estimate
+    def _window_noise(self) -> GradientNoiseScale:
+        window = GradientNoiseScale(beta=None)
+        for item in self._noise_window:
+            window.update(*item)
+        return window
 
     def _judge_missing(self, state: _OptimizerState) -> None:
-        if 0 not in state.got and 0 not in state.had_grad:
-            return  # every parameter got a non-zero gradient at least once: nothing to report
+        if 0 not in state.got:  # (got <= had_grad) every parameter had a non-zero gradient once: nothing to report
+            return
         by_layer: Dict[str, Tuple[List[str], List[str]]] = {}
         samples = 0
         for i, short in enumerate(state.short_names):
@@ -650,5 +645,4 @@ class GradientMonitor(Monitor):
 
     def _load_monitor_state(self, state: Mapping[str, Any]) -> None:
         super()._load_monitor_state(state)
-        self._noise_window_estimate = None
         self._pending_load = {int(k): v for k, v in state.get("optimizers", {}).items()}

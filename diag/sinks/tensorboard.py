@@ -93,20 +93,14 @@ def severity_counts(findings: Sequence[Finding]) -> Dict[str, float]:
     return {f"diag/findings/{k}": float(v) for k, v in counts.items()}
 
 
-def _summary_class() -> Any:
-    try:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-    except ImportError:  # tensorboardX or another writer without the tensorboard package: add_scalar per tag
-        return None
-    return Summary
-
-
-def _event_class() -> Any:
+def _proto_classes() -> Any:
+    """TensorBoard's ``(Summary, Event)`` protos, or ``(None, None)``."""
     try:
         from tensorboard.compat.proto.event_pb2 import Event
-    except ImportError:
-        return None
-    return Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+    except ImportError:  # tensorboardX or another writer without the tensorboard package: add_scalar per tag
+        return None, None
+    return Summary, Event
 
 
 def _layout_summary(layout: Layout) -> Any:
@@ -136,19 +130,17 @@ class TensorBoardSink(Sink):
         self.writer = writer
         # torch's SummaryWriter writes tensorboard's protos; another writer (tensorboardX) gets add_scalar per tag
         torch_writer = type(writer).__module__.startswith("torch.utils.tensorboard")
-        self._summary = _summary_class() if torch_writer and callable(getattr(writer, "_get_file_writer", None)) else None
-        self._event = _event_class() if self._summary is not None else None
+        protos = torch_writer and callable(getattr(writer, "_get_file_writer", None))
+        self._summary, self._event = _proto_classes() if protos else (None, None)
         self._points: Dict[str, int] = {}  # diag/... tag -> points written, counted up to POINTS_TO_SHOW (O(tags))
         self._shown: Set[str] = set()  # tags with POINTS_TO_SHOW points: nothing more to count for them
         self._layout: Layout = []
         self._layout_stale = False  # a tag got its points since the layout was last written
-        self._step = 0  # the step of the last scalars written
 
     def open(self, findings: Sequence[Finding]) -> None:
         self._points, self._shown, self._layout, self._layout_stale = {}, set(), [], False
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        self._step = step
         if self._event is not None:
             # One event holding every scalar of the step (what ``add_scalar`` writes, once per step instead of once per
             # tag), its values added in place (no Summary built and then copied into the Event).
@@ -210,7 +202,6 @@ class TensorBoardSink(Sink):
 
     def close(self, findings: Sequence[Finding]) -> None:
         try:
-            self.scalars_written(self._step)
             self.writer.flush()
         except Exception:  # a writer closed by its logger already
             pass

@@ -3,8 +3,8 @@
 With one gradient per step (no accumulation), :class:`~diag.stats.noise_scale.GradientNoiseScale` needs a second
 estimate of a smaller batch at the same parameters. :func:`part_batch_figures` re-runs the user's step on the first
 samples of the batch and takes their gradient ``G_a`` with ``torch.autograd.grad`` (``.grad`` is never touched);
-:func:`split_sq_norms` turns its three figures into two small-batch estimates, the part and the rest, the rest without
-a pass of its own. The pass must leave training bitwise unchanged: it is built on the learning-rate probe's restore
+:func:`rest_sq_norm` turns its three figures, once read, into the second small-batch estimate, of the rest of the
+batch, without a pass of its own. The pass must leave training bitwise unchanged: it is built on the learning-rate probe's restore
 point (RNG states, buffers such as BatchNorm statistics, train/eval modes, attributes the step rebinds such as an RNN's
 hidden state, torchmetrics states) and its :func:`~diag.probe.quiet_logging`.
 
@@ -14,7 +14,8 @@ Example::
     part = part_size(size)
     figures = part_batch_figures(model, lambda b: model.training_step(b, 0), take_samples(batch, 0, part),
                                  params, [p.grad for p in params])
-    small_sq = split_sq_norms(figures, size, part)  # [|G_part|², |G_rest|²], for b_small = part and size - part
+    first_sq, big_sq, dot = figures.tolist()
+    small_sq = [first_sq, rest_sq_norm(first_sq, big_sq, dot, size, part)]  # for b_small = part and size - part
 """
 
 from __future__ import annotations
@@ -81,13 +82,6 @@ def part_batch_figures(module: nn.Module, step: Callable[[Any], Any], part: Any,
             return norms_and_dots(mine, [b.detach() for g, b in zip(grads, big) if g is not None]).sum(1)
     finally:
         point.restore()
-
-
-def split_sq_norms(figures: torch.Tensor, size: int, part: int) -> torch.Tensor:
-    """``[|G_a|², |G_b|²]`` from :func:`part_batch_figures`' ``[|G_a|², |G_big|², <G_a, G_big>]``: the first ``part``
-    samples and the other ``size - part``, the second without a pass (:func:`rest_sq_norm`)."""
-    first_sq, big_sq, dot = figures.unbind()
-    return torch.stack([first_sq, rest_sq_norm(first_sq, big_sq, dot, size, part)])
 
 
 def rest_sq_norm(first_sq: Any, big_sq: Any, dot: Any, size: int, part: int) -> Any:
