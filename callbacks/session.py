@@ -17,6 +17,10 @@ at the matching moments of the user's loop, seen through hooks it registers itse
 - ``on_train_epoch_end``, ``on_train_end``, ``on_fit_end``, ``teardown``: in ``session.close()`` (or at the end of the
   ``with`` block; ``on_exception`` and ``teardown`` when the block raises).
 
+A loop that never closes its session still gets every ``diag/`` scalar in its event file: the scalars the collector
+holds (it writes them every 50 steps, see :mod:`diag.collector`) and TensorBoard's queue are written when the
+interpreter exits. Nothing is judged then: the last judgements and the summary belong to ``close()``.
+
 The batch is known only at ``session.step``, after the forward: ``on_train_batch_start`` gets the previous
 iteration's batch (the data monitor reads each of its first batches one iteration late; the first iteration gets
 ``None``). For the same reason the gradient noise scale, which needs the current batch before the optimizer step, is
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
@@ -60,6 +65,17 @@ def _make_logger(log_dir: str) -> Any:
     """A Lightning ``TensorBoardLogger`` writing to ``log_dir`` itself (no ``name``/``version`` folders): the monitors'
     sinks then write to it exactly as in a Trainer (scalars, the findings table, the layout, ``diag/findings.jsonl``)."""
     return TENSORBOARD_LOGGERS[0](save_dir=log_dir, name="", version="", default_hp_metric=False)
+
+
+def _write_held_scalars(diagnostics: Diagnostics, logger: Any) -> None:
+    """At the exit of a loop that never closed its session: write the scalars still held and TensorBoard's queue."""
+    try:
+        diagnostics._context.collector.write_scalars()
+        writer = getattr(logger, "_experiment", None)
+        if writer is not None:
+            writer.flush()
+    except Exception:  # (at interpreter exit: nothing to report to)
+        pass
 
 
 class WatchSession:
@@ -163,6 +179,8 @@ class WatchSession:
             self._error("diag.watch", exc)
         finally:
             self._busy = False
+        # (holds the monitors and the logger, not the session; detached by close)
+        self._write_at_exit = weakref.finalize(self, _write_held_scalars, self.diagnostics, self._logger)
 
     # ---- what the user sees -------------------------------------------------------------------------
     @property
@@ -310,6 +328,9 @@ class WatchSession:
         self._closed = True
         self._start_pending = False
         self._previous_batch = None
+        finalizer = getattr(self, "_write_at_exit", None)
+        if finalizer is not None:
+            finalizer.detach()
         for handle in self._handles:
             try:
                 handle.remove()

@@ -231,6 +231,41 @@ def test_context_manager_and_hooks_removed(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "diag", "findings.jsonl"))
 
 
+UNCLOSED_LOOP = """
+import sys, torch
+from torch import nn
+import diag
+torch.manual_seed(0)
+x, y = torch.randn(64 * 75, 16), torch.randint(0, 4, (64 * 75,))
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+session = diag.watch(model, optimizer, loss_fn=loss_fn, log_dir=sys.argv[1], console=False)
+for i in range(75):
+    batch = (x[64 * i:64 * (i + 1)], y[64 * i:64 * (i + 1)])
+    loss = loss_fn(model, batch)
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    session.step(loss, batch)
+# no session.close(): the interpreter exits with the session open
+"""
+
+
+def test_a_loop_that_never_closes_still_gets_every_scalar(tmp_path):
+    """The collector holds scalars and writes them every 50 steps; a plain loop that exits without ``close()`` gets
+    the held ones (and TensorBoard's queue) written at interpreter exit."""
+    script = tmp_path / "loop.py"
+    script.write_text(UNCLOSED_LOOP)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("diag/loss")]
+    assert steps and max(steps) >= 70, steps  # the loss is read every 10 steps: the last read is at step 70
+
+
 def test_an_error_in_the_loop_propagates_and_the_session_closes(tmp_path):
     torch.manual_seed(0)
     model = mlp([64, 32, 10])
