@@ -211,6 +211,18 @@ def zero_inputs(batch: Any) -> Any:
     return map_tensors(batch, zero)
 
 
+def with_targets(batch: Any, targets: torch.Tensor) -> Any:
+    """The batch with its targets (as :func:`targets_of` finds them) replaced by ``targets``; ``None`` for a layout
+    without recognizable targets."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        parts = list(batch[:-1]) + [targets]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    if isinstance(batch, dict):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        return None if key is None else type(batch)((k, targets if k == key else v) for k, v in batch.items())
+    return None
+
+
 # ---- the batch as a structure: its size and its samples ---------------------------------------------------------
 def _parts(batch: Any, mapping: type = dict) -> Optional[List[Any]]:
     """The values inside a container batch (a ``mapping``'s values, a list's or tuple's items, a dataclass's fields);

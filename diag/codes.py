@@ -85,7 +85,8 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Use class weights in the loss, a WeightedRandomSampler, or report per-class metrics."),
         _c("train_val_overlap", "warning", "identical samples are in the training and validation data",
            "Deduplicate before splitting, and split by a group key (user, document) when samples are related."),
-        _c("probe_skipped", "info", "a learning-rate probe was asked for but gave no verdict (budget, manual optimization, ...)",
+        _c("probe_skipped", "info", "a learning-rate probe was asked for but gave no verdict (budget, manual optimization, labels not lined up "
+           "until the validation loss confirms it, ...)",
            "Read the reason in the message; a longer fit or LearningRateProbe(budget_fraction=...) lets the probe run."),
         _c("needs_live_run", "info", "`diag analyze` judged a run from its logged curves alone: telling a learning-rate "
            "problem from a code bug takes the model (the learning-rate probe of a live run)",

@@ -13,6 +13,9 @@ LOSS_RELATIVE_PROGRESS = "loss/relative_progress"  # float: relative drop from t
 LOSS_STALLED = "loss/stalled"  # bool: past the warm-up (40 steps) and LOSS_RELATIVE_PROGRESS < 0.02. Also True for a converged run: compare LOSS_SMOOTHED with LOSS_INITIAL / LOSS_CHANCE_LEVEL to tell "stuck high" from "done"
 LOSS_NUM_CLASSES = "loss/num_classes"  # int: the class count inferred (or given) for classification
 
+# FitMonitor ------------------------------------------------------------------------------------
+FIT_EVALUATION = "fit/evaluation"  # (step, train, val): the last evaluation, when its validation metric is a loss and the training figure the mean training loss since the previous one (both finite)
+
 # GradientMonitor -------------------------------------------------------------------------------
 GRAD_ZIGZAG = "gradients/zigzag"  # bool: consecutive updates persistently point in opposite directions
 GRAD_TINY = "gradients/tiny"  # bool: gradient norms are tiny relative to the weights (plateau / saddle evidence)

@@ -181,14 +181,15 @@ def test_units_dead_from_the_init_are_dead_units_not_a_code_bug(tmp_path, make_n
 
 
 def test_fresh_init_control_confirms_a_real_bug(tmp_path):
-    """Shuffled labels: a freshly initialized copy cannot learn them either; the finding says so."""
+    """Shuffled labels: a freshly initialized copy cannot learn them either; the finding says so (once the validation
+    loss has confirmed the probe: see test_lr_probe's misaligned-labels tests)."""
     from tests.helpers import digits_tensors
     x, y = digits_tensors()
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
     diagnostics = unbudgeted()
     pl.seed_everything(0)
-    fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=1e-3), loaders_from(x, y, val_fraction=0)[0], None, [diagnostics],
-        max_epochs=6, logger=False)
+    fit(tmp_path, Classifier(mlp([64, 64, 10]), lr=1e-3), *loaders_from(x, y), [diagnostics], max_epochs=14,
+        logger=False)
     bug = [f for f in diagnostics.findings if f.code == "suspected_code_bug"]
     assert bug and bug[0].severity.value == "error", describe(diagnostics.findings)
     assert "freshly initialized copy fails the same way" in bug[0].message

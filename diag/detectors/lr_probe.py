@@ -463,6 +463,114 @@ def judge_control(verdict: Verdict, result: ProbeResult, control: Optional[Probe
     return Verdict("bad_initialization", message, advice, ev, severity="info")
 
 
+# ---- misaligned labels: confirmed by the validation loss ------------------------------------------------------------
+# The misaligned-labels evidence alone (the model ignores its input after stalling, and fitting a batch does not help its
+# held-out half, from the trained weights and from a fresh initialization) is also what a learnable task shows while it
+# is still on its initial plateau: XOR of two signs under a small tanh MLP, sparse parities (3 of 20 or 30 bits) under
+# Adam at 1e-3 stall at chance for 300-1000 steps, with exactly this probe evidence at step 50, and then learn to 96-100%
+# validation accuracy. One batch cannot tell them apart (the plateau's model cannot generalize from 32 samples any more
+# than from random labels); the run can. Misaligned labels get memorized and nothing carries over: the training loss
+# falls below the validation loss by the rule's own INPUT_USE_RATIO while the validation loss gains less than
+# HELDOUT_NO_GAIN on where it stood; a task leaving its plateau lowers both (the parities: the validation loss 7% and more
+# below its plateau level by the time the training loss is 10% below the validation loss). So the probe's verdict is
+# an ``info`` until the fit monitor's evaluations (``signals.FIT_EVALUATION``) confirm it, or clear it once the
+# validation loss falls 10% (INPUT_USE_RATIO) below where it stood. Without evaluations the info stays.
+# Shuffled digits (MLP, fault zoo): confirmed at steps 198-264 of 300, validation loss 2.33-2.43 against 2.07-2.14 on
+# the training side.
+LABELS_AWAIT = "awaiting_validation"  # evidence key of the deferred verdict
+
+
+def labels_only(verdict: Verdict) -> bool:
+    """Whether ``verdict`` is a ``suspected_code_bug`` whose only evidence is the misaligned-labels one."""
+    return verdict.code == "suspected_code_bug" and "input_use_ratio" in verdict.evidence \
+        and LABELS_SHIFT not in verdict.evidence  # (input_use_ratio: set by that rule alone)
+
+
+def defer_labels(verdict: Verdict) -> Verdict:
+    """The ``info`` a misaligned-labels verdict is until the validation loss confirms it."""
+    return _no_verdict(verdict, "but a learnable task still on its initial plateau (XOR, parity: flat at chance for "
+                       "hundreds of steps, then learned) looks the same for a while, so the verdict waits for the "
+                       "validation loss: labels that do not line up with the inputs get memorized while the validation "
+                       "loss does not improve", "If the model should have learned by now", {
+                           **verdict.evidence, LABELS_AWAIT: 1})
+
+
+def confirm_labels(reference_val: float, train: float, val: float) -> Optional[bool]:
+    """One evaluation after the deferred verdict (``reference_val``: the validation loss where it stood then): ``True``
+    confirms it (the training loss at most INPUT_USE_RATIO of the validation loss, which gained less than
+    HELDOUT_NO_GAIN), ``False`` clears it (the validation loss at most INPUT_USE_RATIO of its reference), ``None``
+    waits."""
+    if not (math.isfinite(reference_val) and reference_val > 0 and math.isfinite(train) and math.isfinite(val)):
+        return None
+    if val <= INPUT_USE_RATIO * reference_val:
+        return False
+    if val >= HELDOUT_NO_GAIN * reference_val and train <= INPUT_USE_RATIO * val:
+        return True
+    return None
+
+
+def confirmed_labels(message: str, advice: Optional[str], evidence: Dict[str, Any], since: int, reference_val: float,
+                     step: int, train: float, val: float) -> Verdict:
+    """The ``suspected_code_bug`` of a deferred misaligned-labels verdict that the evaluations confirmed."""
+    ev = {k: v for k, v in evidence.items() if k != LABELS_AWAIT}
+    ev.update(labels_seen_at_step=since, val_loss_then=reference_val, val_loss_now=val, train_loss_now=train,
+              confirmed_at_step=step)
+    return Verdict("suspected_code_bug", message.rstrip(".") + f". From step {since} to step {step} the training loss "
+                   f"fell to {train:.4g} while the validation loss stayed at {val:.4g} ({reference_val:.4g} at step "
+                   f"{since}): the model memorizes its training samples and nothing carries over to new ones, as with "
+                   "labels that do not depend on the inputs (a task leaving its plateau lowers both).", advice, ev)
+
+
+# ---- labels one position off: a sequence model's labels, shifted back into place ---------------------------------------
+# A tagger fed a language model's shift (x = s[:, :-1] with the tags of s[:, 1:]) asks a causal model for the label of
+# the next position, which it cannot see: the misaligned-labels evidence, and no amount of training memorizes it (an
+# LSTM tagger on i.i.d. tokens: training loss 1.372 against 1.399 on validation after 300 steps, 1.386 at chance). Rolled
+# back by one position the same labels are learnable, which a freshly initialized copy shows on the probe's batch at once:
+# its held-out half improves (by at least 1 - INPUT_USE_RATIO) as it never does on misaligned labels. Not tried when the
+# targets are the inputs shifted by one (a language model's next-token targets: rolled back they are the inputs, a copy
+# task any model learns).
+MIN_SEQUENCE_LENGTH = 4
+LABELS_SHIFT = "labels_shift"  # evidence key: the roll (+1 or -1 positions) under which the labels are learned
+
+
+def sequence_labels(inputs: Any, targets: Any) -> bool:
+    """Whether ``targets`` are integer labels per position of a sequence aligned with ``inputs`` ((N, T, ...) and (N, T)),
+    and not a language model's next-token targets (``targets[:, :-1] == inputs[:, 1:]``)."""
+    import torch
+
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)) or targets.dim() != 2 \
+            or targets.is_floating_point() or targets.shape[1] < MIN_SEQUENCE_LENGTH or inputs.dim() < 2 \
+            or tuple(inputs.shape[:2]) != tuple(targets.shape):
+        return False
+    if inputs.dim() == 2 and not inputs.is_floating_point() and \
+            bool(torch.equal(inputs[:, 1:].to(targets.device), targets[:, :-1])):
+        return False
+    return True
+
+
+def carries_over(result: ProbeResult) -> bool:
+    """Whether some rate that does not blow the model up lowers the held-out half's loss by 1 - INPUT_USE_RATIO."""
+    chance = result.zero_input_start_loss
+    return result.start_heldout_loss > 0 and any(
+        not fails(r, chance) and r.heldout_loss <= INPUT_USE_RATIO * result.start_heldout_loss for r in result.factors)
+
+
+def labels_shifted(verdict: Verdict, shift: int, control: ProbeResult) -> Verdict:
+    """The misaligned-labels verdict, confirmed: rolled by ``shift`` positions the labels are learned."""
+    best = min(r.heldout_loss / control.start_heldout_loss for r in control.factors
+               if not fails(r, control.zero_input_start_loss) and math.isfinite(r.heldout_loss))
+    ev = {**verdict.evidence, LABELS_SHIFT: shift, "shifted_heldout_best_ratio": best}
+    where = "t - 1" if shift > 0 else "t + 1"
+    message = (verdict.message.rstrip(".") + f". With each label moved to the position it belongs to (the label of "
+               f"position t taken from position {where}) a freshly initialized copy learns them: its held-out half falls "
+               f"to {best:.2f}x its start. The labels are one position {'ahead of' if shift > 0 else 'behind'} their "
+               "inputs.")
+    advice = ("Align labels with inputs position by position: only next-token prediction shifts them (x = s[:, :-1], "
+              "y = s[:, 1:]); a tagger's label of position t belongs to token t (check the slicing of inputs and "
+              "labels, and the padding of one of them). Then: " + (verdict.advice or ""))
+    return Verdict("suspected_code_bug", message, advice, ev)
+
+
 # ---- lr_too_low where the design explains the slow start ------------------------------------------------------------
 # A fixed batch overstates the usable rate: it has no noise and no later stage to destabilize. When the network's own
 # design already explains a slow start (always-positive inputs into weight layers, saturated units, vanishing

@@ -15,10 +15,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from diag import signals
-from diag.batch import loss_of, zero_inputs
+from diag.batch import loss_of, split_batch, targets_of, with_targets, zero_inputs
 from diag.detectors import Verdict
-from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, collapsed_after_progress, judge, judge_collapse,
-                                     judge_control, judge_wrecked, nothing_fits_near_chance, temper_too_low)
+from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, carries_over, collapsed_after_progress, confirm_labels,
+                                     confirmed_labels, defer_labels, judge, judge_collapse, judge_control,
+                                     judge_wrecked, labels_only, labels_shifted, nothing_fits_near_chance,
+                                     sequence_labels, temper_too_low)
 from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state,
@@ -93,6 +95,10 @@ class LearningRateProbe(Monitor):
     from (request ``loss_spike``) is probed from the snapshot too: it was saved before the burst, the current weights
     no longer show what caused it. Before any ``suspected_code_bug`` a freshly initialized copy gets the same sweep; a
     run whose loss fell to half its start and then collapsed is ``lr_too_high`` (see :mod:`diag.detectors.lr_probe`).
+    Labels that may not line up with the inputs (the only evidence: after a stall, memorizing the batch does not carry
+    over to its held-out half) are also what a learnable task on its initial plateau shows (XOR, parity): an ``info``
+    until the fit monitor's evaluations confirm them (the training loss falls to 0.9 of a validation loss that stays
+    put) or a sequence model's labels, rolled back by one position, are learned by a fresh copy.
     Module attributes a ``training_step`` rebinds (an RNN's hidden state) are put back; a batch the model cannot take
     in halves is fitted whole.
 
@@ -123,7 +129,8 @@ class LearningRateProbe(Monitor):
         trainer.fit(model, train_loader)
     """
 
-    STATE = ("_probes_run", "_probe_seconds", "_preflight_done", "_probed_reasons")  # checkpointed (see Monitor.STATE)
+    STATE = ("_probes_run", "_probe_seconds", "_preflight_done", "_probed_reasons",
+             "_labels_pending")  # checkpointed (see Monitor.STATE)
 
     def __init__(
         self,
@@ -177,6 +184,9 @@ class LearningRateProbe(Monitor):
         self._snapshot_loss = math.inf
         self._snapshot_tried = 0
         self._skip_noted = False
+        # a misaligned-labels verdict waiting for the validation loss (see diag.detectors.lr_probe.confirm_labels):
+        # its message, advice and evidence, the step it was seen at, the validation loss then (None: the next one)
+        self._labels_pending: Optional[Dict[str, Any]] = None
 
     def _state_key_args(self) -> dict:
         return {"preflight_step": self.preflight_step, "factors": self.factors}
@@ -258,11 +268,51 @@ class LearningRateProbe(Monitor):
             self._draw(result, verdict)  # the sweep as a figure (diag/lr_probe/<n>)
         if verdict is None:
             return
+        if labels_only(verdict) and self._labels_pending is None:
+            last = self._context.get(signals.FIT_EVALUATION)
+            seen = {**(result.evidence() if result is not None else {}), **verdict.evidence, "trigger": ", ".join(reasons)}
+            self._labels_pending = {"message": verdict.message, "advice": verdict.advice, "evidence": seen,
+                                    "step": self.step(),
+                                    "reference": last[2] if last is not None else None,
+                                    "checked": last[0] if last is not None else -1}
+            verdict = defer_labels(verdict)
         self._publish(verdict)
         if verdict.code != "lr_ok":
             evidence = {**(result.evidence() if result is not None else {}), **verdict.evidence,
                         "trigger": ", ".join(reasons), "probe_seconds_total": round(self._probe_seconds, 4)}
             self.report_verdict(dataclasses.replace(verdict, evidence=evidence))
+
+    # ---- a misaligned-labels verdict waits for the validation loss -----------------------------------------------
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_labels()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_labels()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """The fit monitor's last evaluation (published at the batched read after it, so seen here at the next epoch or
+        validation end, or at the end of the fit), against the deferred verdict: confirmed, cleared, or still waiting."""
+        pending = self._labels_pending
+        last = self._context.get(signals.FIT_EVALUATION) if pending is not None else None
+        if last is None or last[0] <= pending["checked"]:
+            return
+        step, train, val = last
+        pending["checked"] = step
+        if pending["reference"] is None:
+            pending["reference"] = val
+            return
+        outcome = confirm_labels(pending["reference"], train, val)
+        if outcome is None:
+            return
+        self._labels_pending = None
+        if outcome:
+            verdict = confirmed_labels(pending["message"], pending["advice"], pending["evidence"], pending["step"],
+                                       pending["reference"], step, train, val)
+            self._publish(verdict)
+            self.report_verdict(verdict)
 
     # Woken by any probe request (for the batch under way when the request comes before it in the batch), and it
     # acts after the batched host read of a read step, where the other monitors' requests are made.
@@ -434,6 +484,20 @@ class LearningRateProbe(Monitor):
                                 opt_state=fresh_optimizer_state(optimizer), quiet=True,
                                 samples=None if result.whole_batch else result.samples_fit + result.samples_heldout)
             verdict = judge_control(verdict, result, control, trained, kept, reasons)
+            if labels_only(verdict):
+                # a sequence model's labels one position off: rolled back into place, a fresh copy learns them
+                parts = split_batch(batch)
+                targets = targets_of(batch)
+                if parts is not None and sequence_labels(parts.inputs, targets):
+                    for shift in (1, -1):
+                        moved = with_targets(batch, torch.roll(targets, shift, dims=1))
+                        shifted = None if moved is None else self._run(
+                            trainer, pl_module, optimizer, loss_fn, moved, None, reasons, prepare=fresh,
+                            opt_state=fresh_optimizer_state(optimizer), quiet=True,
+                            samples=None if result.whole_batch else result.samples_fit + result.samples_heldout)
+                        if shifted is not None and carries_over(shifted):
+                            verdict = labels_shifted(verdict, shift, shifted)
+                            break
         collector = self._context.collector
         verdict = temper_too_low(verdict, [c for c in DESIGN_EXPLAINS_SLOW if collector.has(c, Severity.WARNING)])
         return verdict, result, snapshot.step if snapshot is not None else None

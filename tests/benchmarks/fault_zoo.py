@@ -9,7 +9,8 @@ et al. 2021), each on at least two shapes of model (MLP, CNN, Transformer, LSTM)
   code bugs                       (shuffled labels, labels one position off in a sequence model, ignored input,
                                    negated loss, softmax into cross-entropy, a graph cut)
   other findings, no verdict      (dead units from the init, a deep sigmoid net, saturated tanh from the init,
-                                   an exploding init, healthy twins, a stateful LSTM language model)
+                                   an exploding init, healthy twins, a stateful LSTM language model, learnable tasks
+                                   still on their initial plateau: XOR of signs, a sparse parity)
 
 Each scenario declares its model shape, the verdict it expects (``lr_too_high``, ``lr_too_low``,
 ``suspected_code_bug``, or None: "no verdict is right here"), codes it must never raise (any severity), and the
@@ -63,6 +64,20 @@ CODE_BUG, TOO_HIGH, TOO_LOW = VERDICTS
 # ---- data -----------------------------------------------------------------------------------------------------
 def digits(seed: int, batch_size: int = 64):
     return digits_loaders(batch_size=batch_size, seed=seed)
+
+
+def xor_of_signs(seed: int, n: int = 4000):
+    """Learnable: the XOR of the signs of the first two of 12 Gaussian features (a small tanh MLP under Adam at 1e-3
+    stays at chance for about 500 steps, then learns to 96%)."""
+    x = torch.randn(n, 12, generator=torch.Generator().manual_seed(seed))
+    return loaders_from(x, ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long(), seed=seed)
+
+
+def sparse_parity(seed: int, bits: int = 20, n: int = 4000):
+    """Learnable: the parity of the first 3 of ``bits`` random signs (an MLP under Adam at 1e-3 stays at chance for
+    300-800 steps, then learns to 100%)."""
+    x = torch.randint(0, 2, (n, bits), generator=torch.Generator().manual_seed(seed)).float()
+    return loaders_from(x * 2 - 1, (x[:, :3].sum(1) % 2).long(), seed=seed)
 
 
 def shuffled_digits(seed: int):
@@ -440,6 +455,11 @@ def scenarios() -> List[Scenario]:
           lambda s: (C(LSTMTagger(TAG_VOCAB, TAGS), 3e-3, loss_fn=seq_ce), *tagging(s)), 300, None, not_bug),
         S("lstm_stateful_lm_sgd_lr10", "lstm", "healthy (stateful)",
           lambda s: (SmallLightningLSTM(lr=10.0), stream_loader(s), None), 300, None, not_bug),
+        # -- learnable tasks on their initial plateau: at step 50 the probe sees what misaligned labels show ------------
+        S("mlp_xor_of_signs_plateau", "mlp", "plateau (learnable)",
+          lambda s: (C(mlp([12, 16, 2], nn.Tanh), 1e-3), *xor_of_signs(s)), 400, None, not_bug),
+        S("mlp_sparse_parity_plateau", "mlp", "plateau (learnable)",
+          lambda s: (C(mlp([20, 128, 2]), 1e-3), *sparse_parity(s)), 400, None, not_bug),
     ]
 
 
