@@ -568,6 +568,22 @@ def test_misaligned_labels_wait_for_the_validation_loss(tmp_path):
     assert probe._labels_pending is not None and probe._labels_pending["step"] == 100
 
 
+def test_a_second_probe_on_misaligned_labels_waits_too(tmp_path):
+    """Two requests, two probes that both see the misaligned-labels evidence: neither is a verdict before the
+    validation loss confirms it; the first sighting is the one that waits."""
+    pl.seed_everything(0)
+    model, loader = Classifier(mlp([64, 64, 10]), lr=1e-3), shuffled_digits()
+    probe = LearningRateProbe(budget_fraction=None)
+    askers = [Asker(100, "loss_stalled"), Asker(120, "loss_plateau")]
+    for asker in askers:
+        asker._attach(probe.context)
+    fit(tmp_path, model, loader, None, [*askers, probe], max_epochs=6, logger=False)
+    detail = "; ".join(f"{f.severity.value} {f.code}@{f.step}: {f.message}" for f in probe.findings)
+    assert len(probe.results) == 2, detail
+    assert not codes(probe.findings, "info") & VERDICTS, detail
+    assert probe._labels_pending is not None and probe._labels_pending["step"] == 100
+
+
 def xor_of_signs(n: int = 4000):
     """Learnable (two sign bits of 12 Gaussian features, XOR): a small tanh MLP under Adam at 1e-3 stays at chance for
     about 500 steps, then learns to 96% (measured over 5000 steps)."""

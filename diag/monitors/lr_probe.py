@@ -268,13 +268,14 @@ class LearningRateProbe(Monitor):
             self._draw(result, verdict)  # the sweep as a figure (diag/lr_probe/<n>)
         if verdict is None:
             return
-        if labels_only(verdict) and self._labels_pending is None:
-            last = self._context.get(signals.FIT_EVALUATION)
-            seen = {**(result.evidence() if result is not None else {}), **verdict.evidence, "trigger": ", ".join(reasons)}
-            self._labels_pending = {"message": verdict.message, "advice": verdict.advice, "evidence": seen,
-                                    "step": self.step(),
-                                    "reference": last[2] if last is not None else None,
-                                    "checked": last[0] if last is not None else -1}
+        if labels_only(verdict):  # (a later probe that sees it again keeps the first sighting waiting)
+            if self._labels_pending is None:
+                last = self._context.get(signals.FIT_EVALUATION)
+                seen = {**(result.evidence() if result is not None else {}), **verdict.evidence,
+                        "trigger": ", ".join(reasons)}
+                self._labels_pending = {"message": verdict.message, "advice": verdict.advice, "evidence": seen,
+                                        "step": self.step(), "reference": last[2] if last is not None else None,
+                                        "checked": last[0] if last is not None else -1}
             verdict = defer_labels(verdict)
         self._publish(verdict)
         if verdict.code != "lr_ok":
