@@ -410,6 +410,15 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
 
 
+def scheduled_peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The highest rate the first parameter group's schedule names: its current ``lr``, the ``initial_lr`` every torch
+    ``LRScheduler`` records (the base rate a warm-up climbs to) and ``max_lr`` (``OneCycleLR``'s peak)."""
+    group = optimizer.param_groups[0]
+    rates = [group.get(key) for key in ("lr", "initial_lr", "max_lr")]
+    return max(float(r.item() if isinstance(r, torch.Tensor) else r) for r in rates
+               if isinstance(r, (int, float, torch.Tensor)) and not isinstance(r, bool))
+
+
 # ---- the probe ----------------------------------------------------------------------------------------------
 def _main_output(output: Any) -> Any:
     if isinstance(output, (list, tuple)) and output:

@@ -682,6 +682,70 @@ def test_sequence_labels_leaves_next_token_targets_alone():
     assert not sequence_labels(torch.randn(8, 9, 5), torch.randn(8, 9))  # per-position regression
 
 
+class WarmedUp(Classifier):
+    """AdamW with a linear warm-up over ``steps`` optimizer steps from 1e-4 of ``lr`` to ``lr`` (stepped per batch)."""
+
+    def __init__(self, lr: float, steps: int = 500) -> None:
+        super().__init__(mlp([64, 128, 10]), lr, "adamw")
+        self.steps = steps
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        warm = torch.optim.lr_scheduler.LinearLR(opt, 1e-4, 1.0, total_iters=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+
+def test_a_warm_up_is_not_a_too_low_rate(tmp_path):
+    """Probed at step 23 of a warm-up to 1e-3 (the gradient monitor's update_too_small asks), the current rate is too low
+    by design: an info that says the schedule is raising it. The same warm-up to a peak of 1e-6, far below the rate the
+    probe suggests, stays a warning."""
+    found = {}
+    for peak in (1e-3, 1e-6):
+        diagnostics = Diagnostics(console=False, lr_probe=LearningRateProbe(budget_fraction=None))
+        pl.seed_everything(0)
+        fit(tmp_path / str(peak), WarmedUp(peak), *digits_loaders(), [diagnostics], max_steps=60, logger=False)
+        found[peak] = [f for f in diagnostics.findings if f.code == "lr_too_low"]
+    detail = {k: [(f.severity.value, f.step, f.message) for f in v] for k, v in found.items()}
+    assert [f.severity.value for f in found[1e-3]] == ["info"], detail
+    tempered = found[1e-3][0]
+    assert "still warming up" in tempered.message and tempered.evidence["warmup_peak_lr"] == pytest.approx(1e-3)
+    assert tempered.evidence["suggested_lr"] < 10 * 1e-3
+    assert [f.severity.value for f in found[1e-6]] == ["warning"], detail
+
+
+def test_scheduled_peak_lr_reads_every_torch_schedule():
+    from diag.probe import scheduled_peak_lr
+
+    def optimizer():
+        return torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+
+    plain = optimizer()
+    assert scheduled_peak_lr(plain) == pytest.approx(0.1)
+    warm = optimizer()
+    torch.optim.lr_scheduler.LinearLR(warm, 0.01, 1.0, total_iters=10)
+    assert warm.param_groups[0]["lr"] == pytest.approx(0.001) and scheduled_peak_lr(warm) == pytest.approx(0.1)
+    cycle = optimizer()
+    torch.optim.lr_scheduler.OneCycleLR(cycle, max_lr=0.5, total_steps=100)
+    assert scheduled_peak_lr(cycle) == pytest.approx(0.5)
+    decayed = optimizer()
+    step = torch.optim.lr_scheduler.StepLR(decayed, 1, gamma=0.1)
+    decayed.step()
+    step.step()
+    assert scheduled_peak_lr(decayed) == pytest.approx(0.1)  # the base rate, which temper_warmup uses only while rising
+
+
+def test_temper_warmup_only_while_rising_and_within_ten_times():
+    from diag.detectors import Verdict
+    from diag.detectors.lr_probe import temper_warmup
+
+    low = Verdict("lr_too_low", "use about 0.0005.", "Raise it.", {"suggested_lr": 5e-4}, suggested_lr=5e-4)
+    assert temper_warmup(low, 5e-5, 1e-7, 1e-3).severity == "info"  # warming up towards 1e-3
+    assert temper_warmup(low, 5e-5, 1e-7, 1e-5).severity is None  # the peak 50x below the suggestion: still too low
+    assert temper_warmup(low, 5e-5, 1e-3, 1e-3).severity is None  # the rate fell since the start: a decay, not a warm-up
+    high = Verdict("lr_too_high", "m", "a", {}, suggested_lr=1e-4)
+    assert temper_warmup(high, 5e-5, 1e-7, 1e-3) is high
+
+
 def test_cross_entropy_floor_on_probabilities_matches_brute_force():
     from diag.detectors.lr_probe import cross_entropy_floor_on_probabilities
 

@@ -591,6 +591,28 @@ def temper_too_low(verdict: Verdict, explained_by: Sequence[str]) -> Verdict:
                + verdict.advice[0].lower() + verdict.advice[1:])
 
 
+# ---- lr_too_low while a warm-up is still raising the rate ------------------------------------------------------------
+# A warm-up starts far below the rate it climbs to (LinearLR from 1e-4 or 1e-3 of it, OneCycleLR from 1/25): probed
+# during it, the current rate is too low by design. AdamW on the digits MLP, warm-up over 500 or 1000 steps to 1e-3: at
+# step 23 the probe (asked by update_too_small or a stall) answered lr_too_low, "use about 0.00046" and "0.0024", while
+# the run trains fine once the schedule reaches 1e-3. lr_too_low means a rate at least 10x away fixes the symptom (the
+# probe's grid is in decades); while the rate has risen since the fit started and the schedule's peak is within 10x of
+# the suggested rate (above the largest rate the probe saw fail), it is an info. A peak 10x or more below stays a
+# warning (the same warm-up to 1e-6: "use about 0.00046").
+def temper_warmup(verdict: Verdict, lr_now: float, lr_at_start: float, peak: float) -> Verdict:
+    """``lr_too_low`` as an ``info`` while a warm-up (the rate ``lr_now`` above ``lr_at_start``) still climbs to a
+    ``peak`` within 10x of the suggested rate; any other verdict unchanged."""
+    suggested = verdict.suggested_lr
+    if verdict.code != "lr_too_low" or not (lr_now > lr_at_start and math.isfinite(suggested) and 10 * peak > suggested):
+        return verdict
+    return dataclasses.replace(
+        verdict, severity="info", evidence={**verdict.evidence, "warmup_lr_now": lr_now, "warmup_peak_lr": peak},
+        message=verdict.message.rstrip(".") + f"; but the learning rate is still warming up ({lr_now:.3g} now, "
+        f"{lr_at_start:.3g} when training started) towards {peak:.3g}, within 10x of that: the schedule is raising it.",
+        advice=f"Nothing to change yet; if the loss still barely moves once the rate has reached {peak:.3g}, raise the "
+               f"peak rate of the schedule.")
+
+
 # ---- a collapse after progress ---------------------------------------------------------------------------------------
 # The loss fell to at most this share of its start and then blew up (non-finite, diverging, or swinging back): the run
 # could learn at this rate and then became unstable, the classic sign of a learning rate too high for the later stage of

@@ -20,11 +20,12 @@ from diag.detectors import Verdict
 from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, carries_over, collapsed_after_progress, confirm_labels,
                                      confirmed_labels, defer_labels, judge, judge_collapse, judge_control,
                                      judge_wrecked, labels_only, labels_shifted, nothing_fits_near_chance,
-                                     sequence_labels, temper_too_low)
+                                     sequence_labels, temper_too_low, temper_warmup)
 from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state,
-                        optimizer_state_finite, quiet_logging, reinitialize, run_probe, weights_finite)
+                        optimizer_state_finite, quiet_logging, reinitialize, run_probe, scheduled_peak_lr,
+                        weights_finite)
 
 from .base import Monitor, check_positive_float, check_positive_int
 
@@ -184,6 +185,7 @@ class LearningRateProbe(Monitor):
         self._snapshot_loss = math.inf
         self._snapshot_tried = 0
         self._skip_noted = False
+        self._lr_at_start = math.nan  # the first optimizer's rate when training started (a warm-up climbs from it)
         # a misaligned-labels verdict waiting for the validation loss (see diag.detectors.lr_probe.confirm_labels):
         # its message, advice and evidence, the step it was seen at, the validation loss then (None: the next one)
         self._labels_pending: Optional[Dict[str, Any]] = None
@@ -206,6 +208,7 @@ class LearningRateProbe(Monitor):
         self._fit_started = time.perf_counter()
         self._fit_start_step = int(trainer.global_step)
         optimizer = self._optimizer(trainer)
+        self._lr_at_start = current_lr(optimizer) if optimizer is not None else math.nan
         if self.snapshot_interval and self.max_probes and optimizer is not None and \
                 sum(p.numel() for p in pl_module.parameters()) <= SNAPSHOT_MAX_PARAMETERS:
             self._snapshot = WeightSnapshot.take(pl_module, optimizer, int(trainer.global_step))
@@ -501,6 +504,7 @@ class LearningRateProbe(Monitor):
                             break
         collector = self._context.collector
         verdict = temper_too_low(verdict, [c for c in DESIGN_EXPLAINS_SLOW if collector.has(c, Severity.WARNING)])
+        verdict = temper_warmup(verdict, current_lr(optimizer), self._lr_at_start, scheduled_peak_lr(optimizer))
         return verdict, result, snapshot.step if snapshot is not None else None
 
     def _draw(self, result: ProbeResult, verdict: Optional[Verdict]) -> None:
