@@ -670,6 +670,24 @@ def test_labels_one_position_ahead_are_named_at_once(tmp_path):
     assert not codes(runs[False], "info") & VERDICTS
 
 
+def test_carries_over_against_the_labels_as_they_are():
+    """The shifted labels must carry over to the held-out half (to 0.9 of its start at most) and 10% better than the
+    same fresh copy on the labels as they are; a rate that blows the held-out half up (3x) does not count."""
+    from diag.detectors.lr_probe import carries_over, heldout_best
+    from diag.probe import FactorResult, ProbeResult
+
+    def result(*heldout):
+        factors = [FactorResult(f, f, 1.4, 0.1, h, 30, False, 1.4, 1.4) for f, h in zip((0.1, 1.0, 10.0), heldout)]
+        return ProbeResult(1.0, 30, 16, 16, 1.4, 1.4, factors, zero_input_start_loss=1.4)
+
+    shifted, flat, learns, blown = result(1.3, 0.5, 5.0), result(1.4, 1.39, 1.5), result(1.4, 0.52, 2.0), \
+        result(1.4, 1.35, 9.0)
+    assert heldout_best(shifted) == pytest.approx(0.5 / 1.4)  # 5.0 is a blow-up (over 3x): left out
+    assert carries_over(shifted) and carries_over(shifted, baseline=flat)
+    assert not carries_over(shifted, baseline=learns)  # the labels as they are carry over almost as far (0.37x)
+    assert not carries_over(blown) and not carries_over(flat)
+
+
 def test_sequence_labels_leaves_next_token_targets_alone():
     from diag.detectors.lr_probe import sequence_labels
 

@@ -528,7 +528,9 @@ def confirmed_labels(message: str, advice: Optional[str], evidence: Dict[str, An
 # the next position, which it cannot see: the misaligned-labels evidence, and no amount of training memorizes it (an
 # LSTM tagger on i.i.d. tokens: training loss 1.372 against 1.399 on validation after 300 steps, 1.386 at chance). Rolled
 # back by one position the same labels are learnable, which a freshly initialized copy shows on the probe's batch at once:
-# its held-out half improves (by at least 1 - INPUT_USE_RATIO) as it never does on misaligned labels. Not tried when the
+# its held-out half improves (by at least 1 - INPUT_USE_RATIO, and by that much more than on the labels as they are:
+# a causal Transformer's fresh copy picks up some token statistics of the unshifted labels too, which made its control
+# inconclusive) as it never does on misaligned labels. Not tried when the
 # targets are the inputs shifted by one (a language model's next-token targets: rolled back they are the inputs, a copy
 # task any model learns).
 MIN_SEQUENCE_LENGTH = 4
@@ -550,17 +552,25 @@ def sequence_labels(inputs: Any, targets: Any) -> bool:
     return True
 
 
-def carries_over(result: ProbeResult) -> bool:
-    """Whether some rate that does not blow the model up lowers the held-out half's loss by 1 - INPUT_USE_RATIO."""
+def heldout_best(result: ProbeResult) -> float:
+    """The lowest held-out loss over its start among the rates that do not blow the model up (inf: none)."""
     chance = result.zero_input_start_loss
-    return result.start_heldout_loss > 0 and any(
-        not fails(r, chance) and r.heldout_loss <= INPUT_USE_RATIO * result.start_heldout_loss for r in result.factors)
+    if not result.start_heldout_loss > 0:
+        return math.inf
+    return min((r.heldout_loss / result.start_heldout_loss for r in result.factors
+                if not fails(r, chance) and math.isfinite(r.heldout_loss)), default=math.inf)
+
+
+def carries_over(result: ProbeResult, baseline: Optional[ProbeResult] = None) -> bool:
+    """Whether some rate that does not blow the model up lowers the held-out half's loss by 1 - INPUT_USE_RATIO, and by
+    that much more than ``baseline`` (the same fresh copy on the labels as they are) does."""
+    bar = INPUT_USE_RATIO * (min(1.0, heldout_best(baseline)) if baseline is not None else 1.0)
+    return heldout_best(result) <= bar
 
 
 def labels_shifted(verdict: Verdict, shift: int, control: ProbeResult) -> Verdict:
     """The misaligned-labels verdict, confirmed: rolled by ``shift`` positions the labels are learned."""
-    best = min(r.heldout_loss / control.start_heldout_loss for r in control.factors
-               if not fails(r, control.zero_input_start_loss) and math.isfinite(r.heldout_loss))
+    best = heldout_best(control)
     ev = {**verdict.evidence, LABELS_SHIFT: shift, "shifted_heldout_best_ratio": best}
     where = "t - 1" if shift > 0 else "t + 1"
     message = (verdict.message.rstrip(".") + f". With each label moved to the position it belongs to (the label of "

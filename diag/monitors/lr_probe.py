@@ -487,9 +487,11 @@ class LearningRateProbe(Monitor):
             control = self._run(trainer, pl_module, optimizer, loss_fn, batch, None, reasons, prepare=fresh,
                                 opt_state=fresh_optimizer_state(optimizer), quiet=True,
                                 samples=None if result.whole_batch else result.samples_fit + result.samples_heldout)
+            first = verdict
             verdict = judge_control(verdict, result, control, trained, kept, reasons)
-            if labels_only(verdict):
-                # a sequence model's labels one position off: rolled back into place, a fresh copy learns them
+            if labels_only(first) and control is not None and (labels_only(verdict) or verdict.code == "probe_skipped"):
+                # a sequence model's labels one position off: rolled back into place, a fresh copy learns them (far
+                # better than the same copy on the labels as they are, whether or not that control confirmed)
                 parts = split_batch(batch)
                 targets = targets_of(batch)
                 if parts is not None and sequence_labels(parts.inputs, targets):
@@ -499,8 +501,8 @@ class LearningRateProbe(Monitor):
                             trainer, pl_module, optimizer, loss_fn, moved, None, reasons, prepare=fresh,
                             opt_state=fresh_optimizer_state(optimizer), quiet=True,
                             samples=None if result.whole_batch else result.samples_fit + result.samples_heldout)
-                        if shifted is not None and carries_over(shifted):
-                            verdict = labels_shifted(verdict, shift, shifted)
+                        if shifted is not None and carries_over(shifted, baseline=control):
+                            verdict = labels_shifted(verdict if labels_only(verdict) else first, shift, shifted)
                             break
         collector = self._context.collector
         verdict = temper_too_low(verdict, [c for c in DESIGN_EXPLAINS_SLOW if collector.has(c, Severity.WARNING)])
