@@ -83,6 +83,10 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Standardize inputs (subtract the training mean, divide by the training std); scale 0-255 images to [0, 1] and normalize."),
         _c("class_imbalance", "warning", "the label distribution is heavily skewed",
            "Use class weights in the loss, a WeightedRandomSampler, or report per-class metrics."),
+        _c("batches_not_shuffled", "info", "the first epoch's batches hold far fewer distinct labels than random "
+           "batches would: the training data come in label order",
+           "Pass shuffle=True to the training DataLoader (or a sampler that mixes the classes); ignore it if the "
+           "sampler groups classes on purpose."),
         _c("train_val_overlap", "warning", "identical samples are in the training and validation data",
            "Deduplicate before splitting, and split by a group key (user, document) when samples are related."),
         _c("probe_skipped", "info", "a learning-rate probe was asked for but gave no verdict (budget, manual optimization, labels not lined up "

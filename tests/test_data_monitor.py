@@ -159,6 +159,51 @@ def test_class_imbalance_warns_and_balanced_labels_are_silent(tmp_path):
     assert not monitor.findings
 
 
+def test_label_ordered_batches_are_an_info_and_shuffled_ones_are_silent(tmp_path):
+    """The digits sorted by label and loaded with shuffle=False: 1.4 distinct labels per batch where random batches of
+    64 would hold 9.99. The same data shuffled: nothing."""
+    x, y = digits_tensors()
+    order = torch.argsort(y[:1400], stable=True)
+    ordered = DataLoader(TensorDataset(x[:1400][order], y[:1400][order]), batch_size=64, shuffle=False)
+    monitor = _fit(tmp_path, Classifier(mlp([64, 32, 10])), ordered)
+    finding = _one(monitor.findings, "batches_not_shuffled")
+    assert finding.severity is Severity.INFO and "shuffle=True" in finding.advice
+    assert finding.evidence["mean_distinct_labels_per_batch"] < 2 and finding.evidence["expected_if_shuffled"] > 9.9
+    train, val = digits_loaders()
+    monitor = _fit(tmp_path, Classifier(mlp([64, 32, 10])), train, val)
+    assert not monitor.findings
+
+
+def test_expected_distinct_labels_match_brute_force():
+    """Exact: every batch of 3 drawn from 10 samples of labels (4, 3, 2, 1) enumerated."""
+    import itertools
+
+    labels = [0] * 4 + [1] * 3 + [2] * 2 + [3]
+    combos = list(itertools.combinations(range(len(labels)), 3))
+    brute = sum(len({labels[i] for i in c}) for c in combos) / len(combos)
+    assert rules.expected_distinct([4, 3, 2, 1], 3) == pytest.approx(brute, rel=1e-12)
+    assert rules.expected_distinct([5, 5], 10) == pytest.approx(2.0)
+    assert rules.expected_distinct([7], 3) == pytest.approx(1.0)
+    # too few batches, too few labels to expect, or batches as mixed as random ones: no finding
+    assert rules.batches_not_shuffled([100] * 10, 1.2, 7, 64) is None
+    assert rules.batches_not_shuffled([100, 100, 100], 1.0, 20, 64) is None  # 3 labels expected: below 4
+    assert rules.batches_not_shuffled([100] * 10, 9.5, 20, 64) is None
+    assert rules.batches_not_shuffled([100] * 10, 1.2, 20, 64).code == "batches_not_shuffled"
+
+
+def test_label_counts_distinct_labels_per_batch_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 9, (n,), generator=g) for n in (5, 64, 17, 1)] + [torch.tensor([-100, 3, 3])]
+    batches += [torch.full((32,), 4)] * (KEPT_TARGET_BATCHES + 3)  # across a fold of the kept copies
+    counts = LabelCounts()
+    for y in batches:
+        assert counts.update(y)
+    out = counts.compute()
+    distinct = [len({int(v) for v in y.tolist() if v >= 0}) for y in batches]
+    assert out["batches"] == len(batches) and out["mean_distinct"] == pytest.approx(sum(distinct) / len(batches))
+    assert out["mean_batch_size"] == pytest.approx(sum(len(y) for y in batches) / len(batches))
+
+
 def _bce(weight=None):
     return lambda logits, target: nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), target,
                                                                                   pos_weight=weight)

@@ -226,6 +226,60 @@ def class_imbalance(counts: Sequence[int], kind: str, classifier_confirmed: bool
     return Verdict("class_imbalance", message, advice, evidence, severity)
 
 
+# ---- batches_not_shuffled -------------------------------------------------------------------------------------------
+# A training set ordered by label (sorted, or concatenated class by class) and loaded with shuffle=False gives batches
+# of one or two classes: each step pulls the model towards those classes and away from the others. Measured: the 8x8
+# digits sorted by label, a 64-128-10 MLP under Adam, 8 epochs: validation accuracy 0.904 against 0.972 shuffled, and
+# no other finding said why. Randomly drawn batches of B samples hold E = sum_c P(class c in the batch) distinct labels
+# (hypergeometric: 1 - C(N - n_c, B) / C(N, B)); the distinct count is a sum of negatively correlated indicators, so its
+# variance is at most E and the mean over m batches deviates from E by sqrt(E / m) per standard deviation. Half of E
+# over at least 8 batches with E >= 4 is then at least sqrt(E m) / 2 >= 2.8 standard deviations away (the digits:
+# 1.3 labels per sorted batch against 9.9, 0.0 missing). Grouping by class can be deliberate (few-shot episodes, P x K
+# batches for metric learning): an info that says so.
+SHUFFLE_MIN_BATCHES = 8
+SHUFFLE_MIN_EXPECTED = 4.0
+SHUFFLE_SHARE = 0.5
+
+
+def expected_distinct(counts: Sequence[int], batch_size: float) -> float:
+    """Distinct labels in a batch of ``batch_size`` samples drawn without replacement from ``counts`` per label."""
+    total = sum(counts)
+    b = int(round(batch_size))
+    if total <= 0 or b <= 0:
+        return 0.0
+    b = min(b, total)
+    expected = 0.0
+    for n_c in counts:
+        if n_c <= 0:
+            continue
+        rest = total - n_c
+        absent = 0.0 if rest < b else math.exp(math.lgamma(rest + 1) - math.lgamma(rest - b + 1)
+                                               - math.lgamma(total + 1) + math.lgamma(total - b + 1))
+        expected += 1.0 - absent
+    return expected
+
+
+def batches_not_shuffled(counts: Sequence[int], mean_distinct: float, batches: int,
+                         mean_batch_size: float) -> Optional[Verdict]:
+    """The first epoch's batches hold far fewer distinct labels than randomly drawn batches would."""
+    if batches < SHUFFLE_MIN_BATCHES:
+        return None
+    expected = expected_distinct(counts, mean_batch_size)
+    if expected < SHUFFLE_MIN_EXPECTED or mean_distinct > SHUFFLE_SHARE * expected:
+        return None
+    evidence = {"mean_distinct_labels_per_batch": round(mean_distinct, 3), "expected_if_shuffled": round(expected, 3),
+                "batches": batches, "mean_batch_size": round(mean_batch_size, 2),
+                "classes_seen": sum(1 for c in counts if c > 0)}
+    message = (f"The first epoch's training batches hold {mean_distinct:.1f} distinct labels on average, where batches "
+               f"of {mean_batch_size:.0f} samples drawn at random from the same labels would hold {expected:.1f} "
+               f"({batches} batches): the training data come in label order, not shuffled.")
+    advice = ("Pass shuffle=True to the training DataLoader (or a sampler that mixes the classes): batches of one or two "
+              "classes pull each step towards them (the digits sorted by label: validation accuracy 0.90 against "
+              "0.97 shuffled). If your sampler groups classes on purpose (few-shot episodes, P x K batches), ignore "
+              "this.")
+    return Verdict("batches_not_shuffled", message, advice, evidence, "info")
+
+
 # ---- train_val_overlap ----------------------------------------------------------------------------------
 # A validation sample also seen in training is scored as memorized, inflating validation metrics by up to the
 # overlapping share. Differences between models are often judged at ~1 point, so 1% of the validation set is

@@ -251,6 +251,8 @@ class DataMonitor(Monitor):
                                                             or getattr(m, "pos_weight", None) is not None)
                        for m in pl_module.modules()) if isinstance(pl_module, nn.Module) else False
         self.report_verdict(rules.class_imbalance(counts, kind, confirmed, weighted))
+        self.report_verdict(rules.batches_not_shuffled(counts, counted["mean_distinct"], counted["batches"],
+                                                       counted["mean_batch_size"]))
 
     def _training_set_size(self) -> Optional[float]:
         """Training samples per epoch on this process (to scale the share up from the hashed part), if known."""

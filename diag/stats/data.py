@@ -179,6 +179,10 @@ class LabelCounts:
         self.kind: Optional[str] = None  # "integer" or "binary_float"; "unsupported" once shapes/kinds disagree
         # copies of the labels of the batches not counted yet
         self._kept: Deque[torch.Tensor] = collections.deque(maxlen=KEPT_TARGET_BATCHES)
+        # per batch: how many distinct labels it held (summed on the device), the batches and their samples
+        self.distinct: Optional[torch.Tensor] = None
+        self.batches = 0
+        self.samples = 0
 
     def update(self, targets: torch.Tensor) -> bool:
         """Count one batch of targets; ``False`` when they are not one class label per sample."""
@@ -207,9 +211,11 @@ class LabelCounts:
         self._kept.clear()  # never counted: compute() answers None from now on
 
     def _count_kept(self) -> None:
-        """Count the kept labels: one ``cat``, the bin of each label, one ``scatter_add_`` (no host sync)."""
+        """Count the kept labels: one ``cat``, the bin of each label, one ``scatter_add_``; and the distinct labels of
+        each kept batch: one more ``scatter_`` into a (batches, bins) table of presence (no host sync)."""
         if not self._kept:
             return
+        sizes = [len(t) for t in self._kept]
         y = torch.cat(list(self._kept)) if len(self._kept) > 1 else self._kept[0]
         self._kept.clear()
         k = self.max_classes
@@ -219,19 +225,30 @@ class LabelCounts:
             index = y.long().clamp(-1, k) + 1
         if self.counts is None:
             self.counts = torch.zeros(k + 2, dtype=torch.long, device=y.device)
+            self.distinct = torch.zeros((), dtype=torch.long, device=y.device)
         self.counts.scatter_add_(0, index, torch.ones_like(index))
+        rows = torch.repeat_interleave(torch.arange(len(sizes), device=y.device),
+                                       torch.tensor(sizes, device=y.device))
+        present = torch.zeros(len(sizes) * (k + 2), dtype=torch.long, device=y.device)
+        present.scatter_(0, rows * (k + 2) + index, 1)
+        self.distinct += present.view(len(sizes), k + 2)[:, 1:].sum()  # (bin 0, "other", is no label)
+        self.batches += len(sizes)
+        self.samples += sum(sizes)
 
     def compute(self) -> Optional[Dict[str, object]]:
-        """``{"kind", "counts" (list per label up to the largest seen), "overflow", "other"}`` or ``None``."""
+        """``{"kind", "counts" (list per label up to the largest seen), "overflow", "other", "batches",
+        "mean_batch_size", "mean_distinct" (labels per batch)}`` or ``None``."""
         if self.kind in (None, "unsupported"):
             return None
         self._count_kept()
         if self.counts is None:
             return None
-        values: List[int] = self.counts.cpu().tolist()
+        values: List[int] = torch.cat([self.counts, self.distinct.view(1)]).cpu().tolist()  # (one transfer)
         other, per_class, overflow = values[0], values[1: self.max_classes + 1], values[self.max_classes + 1]
         last = max((i for i, c in enumerate(per_class) if c), default=-1)
-        return {"kind": self.kind, "counts": per_class[: last + 1], "overflow": overflow, "other": other}
+        return {"kind": self.kind, "counts": per_class[: last + 1], "overflow": overflow, "other": other,
+                "batches": self.batches, "mean_batch_size": self.samples / max(1, self.batches),
+                "mean_distinct": values[-1] / max(1, self.batches)}
 
 
 def _as_bytes_matrix(x: torch.Tensor):
