@@ -211,29 +211,31 @@ class LabelCounts:
         self._kept.clear()  # never counted: compute() answers None from now on
 
     def _count_kept(self) -> None:
-        """Count the kept labels: one ``cat``, the bin of each label, one ``scatter_add_``; and the distinct labels of
-        each kept batch: one more ``scatter_`` into a (batches, bins) table of presence (no host sync)."""
+        """Count the kept labels and the distinct labels of each kept batch, per group of batches of one size (usually
+        one group, two at an epoch's short last batch): a ``stack``, the bin of each label, a ``scatter_add_`` into the
+        counts and a ``scatter_`` into a (batches, bins) table of presence. No host sync, no copy from the host."""
         if not self._kept:
             return
-        sizes = [len(t) for t in self._kept]
-        y = torch.cat(list(self._kept)) if len(self._kept) > 1 else self._kept[0]
+        groups: Dict[int, List[torch.Tensor]] = {}
+        for t in self._kept:
+            groups.setdefault(len(t), []).append(t)
         self._kept.clear()
         k = self.max_classes
-        if self.kind == "binary_float":
-            index = torch.where(y == 0, 1, torch.where(y == 1, 2, 0))
-        else:
-            index = y.long().clamp(-1, k) + 1
-        if self.counts is None:
-            self.counts = torch.zeros(k + 2, dtype=torch.long, device=y.device)
-            self.distinct = torch.zeros((), dtype=torch.long, device=y.device)
-        self.counts.scatter_add_(0, index, torch.ones_like(index))
-        rows = torch.repeat_interleave(torch.arange(len(sizes), device=y.device),
-                                       torch.tensor(sizes, device=y.device))
-        present = torch.zeros(len(sizes) * (k + 2), dtype=torch.long, device=y.device)
-        present.scatter_(0, rows * (k + 2) + index, 1)
-        self.distinct += present.view(len(sizes), k + 2)[:, 1:].sum()  # (bin 0, "other", is no label)
-        self.batches += len(sizes)
-        self.samples += sum(sizes)
+        for size, batches in groups.items():
+            y = torch.stack(batches) if len(batches) > 1 else batches[0].view(1, -1)
+            if self.kind == "binary_float":
+                index = torch.where(y == 0, 1, torch.where(y == 1, 2, 0))
+            else:
+                index = y.long().clamp(-1, k) + 1
+            if self.counts is None:
+                self.counts = torch.zeros(k + 2, dtype=torch.long, device=y.device)
+                self.distinct = torch.zeros((), dtype=torch.long, device=y.device)
+            self.counts.scatter_add_(0, index.view(-1), torch.ones_like(index).view(-1))
+            present = torch.zeros(len(batches), k + 2, dtype=torch.long, device=y.device)
+            present.scatter_(1, index, 1)
+            self.distinct += present[:, 1:].sum()  # (bin 0, "other", is no label)
+            self.batches += len(batches)
+            self.samples += size * len(batches)
 
     def compute(self) -> Optional[Dict[str, object]]:
         """``{"kind", "counts" (list per label up to the largest seen), "overflow", "other", "batches",
