@@ -180,7 +180,8 @@ class WatchSession:
         finally:
             self._busy = False
         # (holds the monitors and the logger, not the session; detached by close)
-        self._write_at_exit = weakref.finalize(self, _write_held_scalars, self.diagnostics, self._logger)
+        self._write_at_exit = None if self._closed else weakref.finalize(self, _write_held_scalars, self.diagnostics,
+                                                                          self._logger)
 
     # ---- what the user sees -------------------------------------------------------------------------
     @property

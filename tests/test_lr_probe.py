@@ -655,13 +655,19 @@ def test_labels_one_position_ahead_are_named_at_once(tmp_path):
     """A causal tagger whose labels are one position ahead never memorizes them (the validation loss could not confirm
     it for thousands of steps); rolled back into place, a fresh copy learns them on the probe's batch: the verdict names
     the shift. Its healthy twin (labels aligned) gets no verdict."""
-    runs = {}
+    runs, models = {}, {}
     for ahead in (True, False):
         diagnostics = Diagnostics(console=False, lr_probe=LearningRateProbe(budget_fraction=None))
         pl.seed_everything(0)
-        fit(tmp_path / str(ahead), Classifier(Tagger(), lr=3e-3, loss_fn=F.cross_entropy),
-            *loaders_from(*tags_one_ahead(ahead)), [diagnostics], max_steps=120, logger=False)
+        models[ahead] = Classifier(Tagger(), lr=3e-3, loss_fn=F.cross_entropy)
+        fit(tmp_path / str(ahead), models[ahead], *loaders_from(*tags_one_ahead(ahead)), [diagnostics], max_steps=120,
+            logger=False)
         runs[ahead] = diagnostics.findings
+    # the probe's sweeps, the fresh-copy control and the two shifted-label sweeps left training bitwise unchanged
+    pl.seed_everything(0)
+    unwatched = Classifier(Tagger(), lr=3e-3, loss_fn=F.cross_entropy)
+    fit(tmp_path / "unwatched", unwatched, *loaders_from(*tags_one_ahead(True)), [], max_steps=120, logger=False)
+    assert state_equal(unwatched, models[True])
     detail = "; ".join(f"{f.severity.value} {f.code}@{f.step}: {f.message}" for f in runs[True])
     bug = next((f for f in runs[True] if f.code == "suspected_code_bug"), None)
     assert bug is not None and bug.severity.value == "error", detail

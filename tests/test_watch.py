@@ -133,6 +133,24 @@ def test_learning_rate_ten_times_too_high(tmp_path):
     assert "lr_too_high" in table and "loss_diverging" in table
 
 
+def test_shuffled_labels_stay_an_info_without_a_validation_loss(tmp_path):
+    """Labels shuffled apart from the digits: the probe sees what a task still on its plateau shows too, and a plain
+    loop has no validation loss to confirm it (the fit monitor is off): an info, in the findings file, never a code
+    bug (README, "A plateau is not a bug")."""
+    x, y = digits_tensors()
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    loader = DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    _, _, session = train(make_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), loader=loader, epochs=14,
+                          watch=dict(loss_fn=loss_fn, log_dir=str(tmp_path), total_steps=14 * 22,
+                                     lr_probe=LearningRateProbe(budget_fraction=None)))
+    no_internal_error(session.findings)
+    written = read_findings(os.path.join(tmp_path, "diag", "findings.jsonl"))
+    assert not {f.code for f in written} & {"suspected_code_bug", "lr_too_high", "lr_too_low"}, written
+    waiting = [f for f in written if f.code == "probe_skipped"]
+    assert waiting and "validation loss" in waiting[0].message, written
+
+
 def test_healthy_loops_raise_no_warning(tmp_path):
     healthy = {
         "sgd": (lambda: mlp([64, 64, 10]), sgd(GOOD_LR)),

@@ -15,6 +15,8 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from diag.detectors import Verdict
 from diag.probe import FactorResult, ProbeResult
 
@@ -488,13 +490,12 @@ def labels_only(verdict: Verdict) -> bool:
 
 def defer_labels(verdict: Verdict) -> Verdict:
     """The ``info`` a misaligned-labels verdict is until the validation loss confirms it."""
-    return _no_verdict(verdict, "but a learnable task still on its initial plateau (XOR, parity: flat at chance for "
-                       "hundreds of steps, then learned) looks the same for a while, so the verdict waits for the "
-                       "validation loss: labels that do not line up with the inputs get memorized while the validation "
-                       "loss does not improve", "A plateau is often shortened by a 10x higher learning rate (XOR of signs and a "
-                       "sparse parity: learned within 400 steps at 10x, not at 1x); if the model should have learned "
-                       "by now", {
-                           **verdict.evidence, LABELS_AWAIT: 1})
+    why = ("but a learnable task still on its initial plateau (XOR, parity: flat at chance for hundreds of steps, then "
+           "learned) looks the same for a while, so the verdict waits for the validation loss: labels that do not line "
+           "up with the inputs get memorized while the validation loss does not improve")
+    advice = ("A plateau is often shortened by a 10x higher learning rate (XOR of signs and a sparse parity: learned "
+              "within 400 steps at 10x, not at 1x); if the model should have learned by now")
+    return _no_verdict(verdict, why, advice, {**verdict.evidence, LABELS_AWAIT: 1})
 
 
 def confirm_labels(reference_val: float, train: float, val: float) -> Optional[bool]:
@@ -540,8 +541,6 @@ LABELS_SHIFT = "labels_shift"  # evidence key: the roll (+1 or -1 positions) und
 def sequence_labels(inputs: Any, targets: Any) -> bool:
     """Whether ``targets`` are integer labels per position of a sequence aligned with ``inputs`` ((N, T, ...) and (N, T)),
     and not a language model's next-token targets (``targets[:, :-1] == inputs[:, 1:]``)."""
-    import torch
-
     if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)) or targets.dim() != 2 \
             or targets.is_floating_point() or targets.shape[1] < MIN_SEQUENCE_LENGTH or inputs.dim() < 2 \
             or tuple(inputs.shape[:2]) != tuple(targets.shape):

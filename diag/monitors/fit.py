@@ -250,8 +250,7 @@ class FitMonitor(Monitor):
             reduced_val, reduced_train, reduced_accuracy = self._reduce([val, train, accuracy])
             self._train_source = train_source
             self.history.update(epoch, step, val=reduced_val, train=reduced_train, accuracy=reduced_accuracy)
-            if self.mode == "min" and self._comparable() and finite_number(reduced_val) \
-                    and finite_number(reduced_train):
+            if self.mode == "min" and finite_number(reduced_val) and finite_number(reduced_train):
                 self._context.publish(signals.FIT_EVALUATION, (step, float(reduced_train), float(reduced_val)))
             self._log(self.history.last, step)
             self._judge()
