@@ -325,12 +325,16 @@ def test_checkpoint_state_round_trips(tmp_path):
 def test_sampling_backs_off_deterministically():
     from diag.monitors.gradients import backed_off_interval
 
-    assert [backed_off_interval(20, s, 8) for s in (0, 399, 400, 799, 800, 1600, 10 ** 6)] == [20, 20, 40, 40, 80, 160, 160]
+    assert [backed_off_interval(20, s, 8) for s in (0, 199, 200, 399, 400, 799, 800, 10 ** 6)] == \
+        [20, 20, 40, 40, 80, 80, 160, 160]
     assert backed_off_interval(20, 10 ** 6, 1) == 20
     monitor = GradientMonitor(interval=20, warmup_steps=5)
     sampled = [s for s in range(2000) if monitor._is_sampled(s)]
-    assert sampled[:7] == [0, 1, 2, 3, 4, 20, 40] and 400 in sampled and 420 not in sampled and 440 in sampled
-    assert len(sampled) < 5 + 2000 // 20 / 2  # less than half the fixed-interval samples over 2,000 steps
+    # the dense start, then the first BACKOFF_AFTER samples at the interval (to step 200), then 5 per doubling
+    assert sampled[:7] == [0, 1, 2, 3, 4, 20, 40] and len([s for s in sampled if 5 <= s <= 200]) == 10
+    assert 220 not in sampled and 240 in sampled and [s for s in sampled if 200 <= s < 400] == [200, 240, 280, 320, 360]
+    assert [s for s in sampled if 400 <= s < 800] == [400, 480, 560, 640, 720]
+    assert len(sampled) < 5 + 2000 // 20 / 3  # under a third of the fixed-interval samples over 2,000 steps
 
 
 def test_noise_estimates_are_rarer_where_they_can_only_be_information():

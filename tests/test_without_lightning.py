@@ -98,4 +98,4 @@ def test_the_monitors_run_in_a_process_without_lightning(tmp_path):
     found = eval(done.stdout.strip().splitlines()[-1])
     assert "nonfinite_loss" in found["LossCurveMonitor"]  # the NaN loss, raised by the monitor with no Lightning
     assert "diag_internal_error" not in found["LossCurveMonitor"] + found["GradientMonitor"], found
-    assert found["gradient_samples"] == [30], found  # every step to 20, then every 2nd (the back-off: interval 1 -> 2)
+    assert found["gradient_samples"] == [20], found  # every step to 10, then every 2nd to 20, every 4th (the back-off)

@@ -52,20 +52,21 @@ READ_EVERY = 10
 # Sampling back-off (GradientMonitor, ActivationMonitor): the first BACKOFF_AFTER samples come at the configured
 # interval (enough for every rule's minimum evidence in short runs: missing gradients 8 samples, zig-zag 5 pairs, noise
 # 10 estimates, two activation windows); from then on the interval doubles each time the step count doubles, up to
-# max_backoff times. A fixed interval costs a fixed share of every step, a tenth of a 3 ms MLP step; the back-off keeps
-# full detail early, when most faults show, and makes the cost shrink on long runs. It depends on the step alone: the same on every DDP rank and every machine.
+# max_backoff times: BACKOFF_AFTER / 2 samples per doubling of the run (a log-uniform density) until the interval is
+# max_backoff times the configured one. A fixed interval costs a fixed share of every step, a tenth of a 3 ms MLP
+# step; the back-off keeps full detail early, when most faults show, and makes the cost shrink on long runs. It
+# depends on the step alone: the same on every DDP rank and every machine.
 BACKOFF_AFTER = 10
 
 
 def backed_off_interval(interval: int, step: int, max_backoff: int) -> int:
-    """The sampling interval at ``step``: ``interval`` until ``2 * BACKOFF_AFTER * interval``, then doubling each time
-    the step count doubles, at most ``max_backoff`` times ``interval``."""
+    """The sampling interval at ``step``: ``interval`` until ``BACKOFF_AFTER * interval`` (the first ``BACKOFF_AFTER``
+    samples), then doubling each time the step count doubles, at most ``max_backoff`` times ``interval``."""
     start = BACKOFF_AFTER * interval
     factor = 1
-    while factor < max_backoff and step >= 2 * start * factor:
+    while factor < max_backoff and step >= start * factor:
         factor *= 2
     return interval * min(factor, max_backoff)
-
 
 
 class Schedule:
