@@ -390,8 +390,14 @@ def optimizer_state_finite(state: Dict[str, Any]) -> bool:
 
 
 def clone_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], factor: float) -> torch.optim.Optimizer:
-    """A new optimizer of ``optimizer``'s class over the same parameters, loaded with a deep copy of ``state``,
-    every group's learning rate multiplied by ``factor``. The user's optimizer is not touched."""
+    """A new optimizer of ``optimizer``'s class over the same parameters, loaded with a deep copy of ``state`` (its
+    per-parameter state: momenta, Adam moments) and the hyperparameters ``optimizer`` has now, every group's learning
+    rate multiplied by ``factor``. The user's optimizer is not touched.
+
+    The hyperparameters are the current ones even when ``state`` is a snapshot's: ``load_state_dict`` would bring
+    back the rate the snapshot was taken at, and a schedule may have moved it since (StepLR stepped per batch: 0.05
+    at step 0, 1.2e-10 at step 89), so that a sweep from the snapshot would run at other rates than the one from the
+    current weights it is compared with, and be reported at the current ones."""
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
               for g in optimizer.param_groups]
     try:
@@ -399,7 +405,10 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], fac
         new.load_state_dict(copy.deepcopy(state))
     except Exception as exc:  # an optimizer class that cannot be rebuilt from its param groups
         raise ProbeUnavailable(f"cannot rebuild {type(optimizer).__name__} from its param groups ({exc})") from exc
-    for group in new.param_groups:
+    for group, now in zip(new.param_groups, optimizer.param_groups):
+        for key, value in now.items():
+            if key != "params":
+                group[key] = value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
         lr = group["lr"]
         group["lr"] = (lr * factor) if not isinstance(lr, torch.Tensor) else lr.detach().clone() * factor
     return new

@@ -7,6 +7,7 @@ monitor's own triggers.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -834,3 +835,80 @@ def test_a_request_from_a_composed_monitor_wakes_the_probe_in_the_same_batch(tmp
     fit(tmp_path, model, digits(), None, [diagnostics], max_epochs=1, logger=False)
     assert len(probe.results) == 1
     assert [f.step for f in probe.findings if f.code == "lr_too_high"] == [5]
+
+
+class DecayedPerBatch(Classifier):
+    """SGD with momentum at 0.05 under StepLR(step_size=1, gamma=0.8) returned with ``"interval": "step"``: a per-epoch
+    decay stepped every batch (the rate is 1e-4 by step 28, 1e-10 by step 90); with ``"epoch"`` the same schedule is
+    healthy."""
+
+    def __init__(self, interval: str) -> None:
+        super().__init__(mlp([64, 128, 10]), 0.05, "sgd")
+        self.interval = interval
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        decay = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.8)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": self.interval}}
+
+
+def _verdicts(tmp_path, module, **kwargs):
+    diagnostics = Diagnostics(console=False, lr_probe=LearningRateProbe(budget_fraction=None))
+    pl.seed_everything(0)
+    fit(tmp_path, module, *digits_loaders(), [diagnostics], logger=False, **kwargs)
+    return [f for f in diagnostics.findings if f.code in VERDICTS], diagnostics
+
+
+def test_a_rate_far_below_every_useful_one_is_too_low_not_a_code_bug(tmp_path):
+    """At a rate so small that the whole sweep (up to 1e5x of it) only moves the loss in proportion to the rate, "no
+    learning rate fits" and "the loss ignores the input" say nothing: both used to make a code bug (an error), and a
+    schedule that decayed the rate made the re-probe from step 0's weights call it "wrecked, use 1.2e-11". Now:
+    lr_too_low, naming the schedule when one lowered the rate. The same schedule stepped per epoch stays silent."""
+    decayed, _ = _verdicts(tmp_path / "step", DecayedPerBatch("step"), max_epochs=6)
+    detail = [(f.code, f.step, f.message) for f in decayed]
+    assert [f.code for f in decayed] == ["lr_too_low"] and decayed[0].severity.value == "warning", detail
+    assert "Every learning rate tried is too small" in decayed[0].message and "schedule has lowered it" in decayed[0].message
+    assert decayed[0].evidence["schedule_start_lr"] == pytest.approx(0.05) and "interval" in decayed[0].advice
+    assert decayed[0].evidence["suggested_lr"] > 1e3 * decayed[0].evidence["current_lr"]
+    constant, _ = _verdicts(tmp_path / "tiny", Classifier(mlp([64, 128, 10]), 1e-9, "sgd"), max_epochs=3)
+    assert [f.code for f in constant] == ["lr_too_low"], [(f.code, f.message) for f in constant]
+    assert "schedule" not in constant[0].message
+    healthy, diagnostics = _verdicts(tmp_path / "epoch", DecayedPerBatch("epoch"), max_epochs=6)
+    assert not healthy and not codes(diagnostics.findings), [(f.code, f.message) for f in diagnostics.findings]
+
+
+def test_below_useful_rates_only_where_every_rate_is_too_small():
+    from diag.detectors.lr_probe import below_useful_rates
+    from diag.probe import FactorResult, ProbeResult
+
+    def result(progress, diverged=(), missing=()):
+        factors = [FactorResult(f, 1e-9 * f, 2.3, 2.3 * (1 - p), 2.3, 30, f in diverged, 2.3, 2.3)
+                   for f, p in progress.items()]
+        return ProbeResult(1e-9, 30, 16, 16, 2.3, 2.3, factors, zero_input_start_loss=2.3,
+                           params_without_gradient=list(missing))
+
+    decades = [1e-2, 1e-1, 1.0, 1e1, 1e2]
+    assert below_useful_rates(result({f: 2e-5 * f for f in decades}))  # in proportion to the rate
+    assert below_useful_rates(result({f: 0.0 for f in decades}))  # not moved at all, every parameter with a gradient
+    assert not below_useful_rates(result({f: 0.0 for f in decades}, missing=["net.0.weight"]))  # a cut graph
+    assert not below_useful_rates(result(dict(zip(decades, [0.01, 0.05, 0.07, 0.08, 0.08]))))  # an ignored input: flat
+    assert not below_useful_rates(result({f: 2e-3 * f for f in decades}, diverged={1e2}))  # the top rate diverges
+    assert not below_useful_rates(result(dict(zip(decades, [0.001, 0.01, 0.1, 0.6, 0.9]))))  # the batch fits
+
+
+def test_a_sweep_from_a_snapshot_runs_at_the_current_rate():
+    """A schedule may have moved the rate since the snapshot; the sweep from its weights must use the rates of the sweep
+    from the current ones (``load_state_dict`` would bring back the snapshot's), and keep the snapshot's momenta."""
+    from diag.probe import clone_optimizer
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    for group in opt.param_groups:
+        group["lr"], group["momentum"] = 1e-6, 0.5
+    clone = clone_optimizer(opt, old, 10.0)
+    assert clone.param_groups[0]["lr"] == pytest.approx(1e-5) and clone.param_groups[0]["momentum"] == 0.5
+    assert torch.equal(clone.state_dict()["state"][0]["momentum_buffer"], old["state"][0]["momentum_buffer"])
+    assert opt.param_groups[0]["lr"] == 1e-6  # the user's optimizer untouched

@@ -142,6 +142,35 @@ def _best_heldout(candidates: Sequence[FactorResult]) -> FactorResult:
     return min(candidates, key=lambda r: (0.0 if math.isnan(r.heldout_loss) else r.heldout_loss, -r.progress))
 
 
+# Every rate tried is too small to tell anything: no factor failed, the largest one made the most progress, and the
+# decade below it made less than 1/SMALL_STEP_GAIN of that. In the small-step regime a loss moves in proportion to the
+# rate (10x per decade); a model that cannot learn the batch (a cut graph: 0 at every rate; an ignored input: down to
+# the label marginal, then flat; softmax into cross-entropy: down to its floor) stops gaining long before. Measured:
+# StepLR(step_size=1, gamma=0.8) stepped every batch from 0.05 leaves SGD at 1.2e-10 by step 89; the sweep from 1/100
+# to 1e5x of it moves a digits MLP's batch loss 2.4e-7, 1.8e-6, 2.4e-5, 2.4e-4, 2.4e-3 (10x per decade), and "no
+# learning rate fits" became a code bug (and, re-probed from step 0's weights at step 0's rate, "training wrecked the
+# weights, use 1.2e-11"). The code-bug rule's "no rate fits" then does not hold; lr_too_low says what does.
+SMALL_STEP_GAIN = 3.0
+# Below this the loss did not move at all (float32 rounding): every parameter gets a gradient, and yet no rate tried
+# changes the loss. ExponentialLR(0.7) stepped every batch takes Adam from 1e-3 to 4e-14 by step 67; at up to 100x of
+# that, the updates vanish in the weights' rounding. (A cut graph or a loss multiplied by zero leaves parameters
+# without gradient, which the code-bug rule names on its own.)
+UNMOVED = 1e-6
+
+
+def below_useful_rates(result: ProbeResult) -> bool:
+    """Whether the sweep never reached a rate that does anything: see ``SMALL_STEP_GAIN`` (and ``UNMOVED``)."""
+    chance = result.zero_input_start_loss
+    ordered = sorted(result.factors, key=lambda r: r.factor)
+    if len(ordered) < 2 or any(fails(r, chance) for r in ordered):
+        return False
+    top, below = ordered[-1], ordered[-2]
+    if all(abs(r.progress) < UNMOVED for r in ordered):
+        return not result.params_without_gradient  # gradients flow, and no rate tried moves the loss at all
+    return below.progress > 0 and top.progress >= SMALL_STEP_GAIN * below.progress \
+        and top.progress >= max(r.progress for r in ordered) and top.progress < FIT_PROGRESS
+
+
 def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -> Optional[Verdict]:
     chance = result.zero_input_start_loss
     seen: List[str] = []
@@ -158,11 +187,12 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
     if small_model:
         ev["trainable_params"] = result.trainable_params
         ev["first_last_grad_ratio"] = result.first_last_grad_ratio
-    if best_progress < NO_FIT_PROGRESS and not small_model:
+    if best_progress < NO_FIT_PROGRESS and not small_model and not below_useful_rates(result):
         seen.append(f"no learning rate from {lo:g}x to {hi:g}x the current one fits a {result.samples_fit}-sample batch "
                     f"in {result.steps} steps (best: the loss {_pct(best_progress)})")
         ev["best_progress"] = best_progress
-    if not small_model and math.isfinite(result.zero_input_final_loss) and result.zero_input_final_loss > 0 and \
+    if not small_model and not below_useful_rates(result) and math.isfinite(result.zero_input_final_loss) \
+            and result.zero_input_final_loss > 0 and \
             INPUT_GAIN_RATIO * result.zero_input_final_loss <= result.real_input_final_loss \
             <= result.zero_input_final_loss / INPUT_GAIN_RATIO:
         seen.append(f"the loss does not depend on the input: fitted with the real inputs it reaches "
@@ -297,6 +327,18 @@ def judge(result: ProbeResult, trained_steps: int = 0, reasons: Sequence[str] = 
         gain = LOW_LR_HELDOUT_GAIN if capacity_limited(result) else LOW_LR_HELDOUT_MIN_GAIN
         larger_fit = [r for r in larger_fit if r.heldout_loss <= (1 - gain) * result.start_heldout_loss]
     still_near_chance = not chance > 0 or result.start_loss >= LOW_LR_MIN_REMAINING * chance
+    if current.progress < STALL_PROGRESS and not larger_fit and still_near_chance and below_useful_rates(result):
+        top = max(result.factors, key=lambda r: r.factor)
+        suggested = lr * top.factor * 10
+        moved = (f"barely moves (it falls {100 * top.progress:.2g}% at the largest in {result.steps} steps), and each "
+                 "10x buys about 10x more progress, the mark of steps far too small to train"
+                 if abs(top.progress) >= UNMOVED else f"does not move at all in {result.steps} steps, though every "
+                 "parameter gets a gradient: the steps vanish in the weights' rounding")
+        message = (f"Every learning rate tried is too small: from the current one ({lr:.3g}) to {top.factor:g}x it "
+                   f"({lr * top.factor:.3g}) the loss on a fixed batch {moved}; use at least {suggested:.2g}.")
+        return Verdict("lr_too_low", message, RAISE_ADVICE.format(lr=lr, suggested=suggested),
+                       {"suggested_lr": suggested, "current_progress": current.progress,
+                        "largest_rate_progress": top.progress}, suggested_lr=suggested)
     if not fails(current, chance) and current.progress < STALL_PROGRESS and larger_fit and still_near_chance:
         # the smallest larger factor that makes real progress: one batch overstates the usable rate (no noise)
         pick = min(larger_fit, key=lambda r: r.factor)
@@ -622,6 +664,27 @@ def temper_warmup(verdict: Verdict, lr_now: float, lr_at_start: float, peak: flo
         f"{lr_at_start:.3g} when training started) towards {peak:.3g}, within 10x of that: the schedule is raising it.",
         advice=f"Nothing to change yet; if the loss still barely moves once the rate has reached {peak:.3g}, raise the "
                f"peak rate of the schedule.")
+
+
+# ---- lr_too_low after a schedule decayed the rate ---------------------------------------------------------------------
+# A schedule that lowered the rate 100x or more below the one it started from (its ``initial_lr``) explains a rate
+# too low, and the fix is in the schedule: a per-epoch StepLR stepped every batch (``"interval": "step"``), a gamma or
+# a step size off by a unit. StepLR(step_size=1, gamma=0.8) per batch from 0.05: 1.2e-10 at step 89.
+DECAYED_BY_SCHEDULE = 100.0
+
+
+def note_decay(verdict: Verdict, lr_now: float, start: float) -> Verdict:
+    """``lr_too_low`` naming the schedule when it has lowered the rate from ``start`` (the schedule's base rate) by
+    ``DECAYED_BY_SCHEDULE`` or more; any other verdict unchanged."""
+    if verdict.code != "lr_too_low" or not (lr_now > 0 and start >= DECAYED_BY_SCHEDULE * lr_now):
+        return verdict
+    return dataclasses.replace(
+        verdict, evidence={**verdict.evidence, "schedule_start_lr": start},
+        message=verdict.message.rstrip(".") + f"; a learning-rate schedule has lowered it {start / lr_now:.2g}x, "
+        f"from {start:.3g}.",
+        advice=f"Check the learning-rate scheduler first: it has taken the rate from {start:.3g} to {lr_now:.3g}. A "
+               "per-epoch scheduler (StepLR, ExponentialLR, MultiStepLR) returned with \"interval\": \"step\" decays "
+               "every batch; check its gamma and step_size too. " + verdict.advice)
 
 
 # ---- a collapse after progress ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from diag.detectors import Verdict
 from diag.detectors.lr_probe import (DESIGN_EXPLAINS_SLOW, carries_over, collapsed_after_progress, confirm_labels,
                                      confirmed_labels, defer_labels, judge, judge_collapse, judge_control,
                                      judge_wrecked, labels_only, labels_shifted, nothing_fits_near_chance,
-                                     sequence_labels, temper_too_low, temper_warmup)
+                                     note_decay, sequence_labels, temper_too_low, temper_warmup)
 from diag.findings import Severity
 from diag.probe import (DEFAULT_BATCH_SAMPLES, DEFAULT_FACTORS, DEFAULT_STEPS, ProbeOverBudget, ProbeResult,
                         ProbeUnavailable, WeightSnapshot, current_lr, fresh_optimizer_state,
@@ -507,6 +507,7 @@ class LearningRateProbe(Monitor):
         collector = self._context.collector
         verdict = temper_too_low(verdict, [c for c in DESIGN_EXPLAINS_SLOW if collector.has(c, Severity.WARNING)])
         verdict = temper_warmup(verdict, current_lr(optimizer), self._lr_at_start, scheduled_peak_lr(optimizer))
+        verdict = note_decay(verdict, current_lr(optimizer), scheduled_peak_lr(optimizer))
         return verdict, result, snapshot.step if snapshot is not None else None
 
     def _draw(self, result: ProbeResult, verdict: Optional[Verdict]) -> None:
