@@ -164,6 +164,7 @@ def test_large_mlp_on_few_samples_overfits(tmp_path, case):
     assert 'ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1)' in stop.advice
     assert "second descent" in stop.advice
     assert "underfitting" not in codes(monitor.findings, "info")
+    assert "val_never_below_chance" not in ev and "validation data" not in over.advice  # it generalized first
     # the scalars, read back from the event files
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
@@ -174,6 +175,23 @@ def test_large_mlp_on_few_samples_overfits(tmp_path, case):
     last = monitor.history.last
     assert gaps[-1] == pytest.approx(last.val - last.train, rel=1e-5)
     assert acc.Scalars("diag/best_val_epoch")[-1].value == monitor.history.best.epoch
+
+
+def test_validation_labels_that_do_not_line_up_are_named_with_the_overfitting(tmp_path):
+    """Validation labels permuted: the training loss falls, the validation loss never gets below ln C and then rises.
+    The overfitting rule fires (it is true), and says that nothing carries over, which overfitting alone does not
+    explain: check the validation data first."""
+    train, val = digits_loaders()
+    x, y = val.dataset.tensors
+    permuted = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    val = DataLoader(TensorDataset(x, permuted), batch_size=64)
+    monitor = FitMonitor()
+    fit(tmp_path, Classifier(mlp([64, 128, 10]), lr=1e-3), train, val, [monitor], max_epochs=10, logger=False)
+    over = only(monitor.findings, "overfitting")
+    assert over.severity.value == "warning"
+    assert all(e.val >= math.log(10) for e in monitor.history.recent)  # (brute force over the history)
+    assert over.evidence["val_never_below_chance"] == pytest.approx(math.log(10), rel=1e-3)
+    assert "never below the chance level" in over.message and over.advice.startswith("First check the validation data")
 
 
 def test_large_mlp_with_enough_data_is_silent(tmp_path):

@@ -272,6 +272,26 @@ OVERFIT_TRAIN_FALL = 0.05
 OVERFIT_ADVICE = ("Stop at the best validation epoch ({epoch}): early stopping with the best checkpoint "
                   "({callbacks}). Then regularize: dropout (p=0.1-0.5), weight decay (AdamW, 1e-2), data augmentation; "
                   "or get more training data, or use a smaller model.")
+# Nothing carries over: the validation loss never got below the chance level ln C at any evaluation while the
+# training loss fell under half of it. Overfitting starts from a model that generalized somewhat (its validation loss
+# fell first); a validation set whose labels do not line up with its inputs (shuffled, another label mapping, another
+# preprocessing) is never better than chance. Digits MLP, validation labels permuted: validation 2.35-3.9 against
+# ln 10 = 2.30 at every evaluation, training 2.0 -> 0.05; the healthy digits runs are at 0.2-0.5 after one epoch.
+NOTHING_CARRIES_TRAIN_SHARE = 0.5
+NOTHING_CARRIES_ADVICE = ("First check the validation data: its labels must line up with its inputs (the same "
+                          "indexing, label mapping and preprocessing as the training data), and it must come from the "
+                          "same task; overfitting alone does not keep a model at chance on data like its training data. "
+                          "If they are right (a task learned late, as in grokking), then: ")
+
+
+def nothing_carries_over(history: FitHistory, reference: Optional[Reference]) -> bool:
+    """Whether the validation loss stayed at or above the trusted chance level at every evaluation while the training
+    loss fell below ``NOTHING_CARRIES_TRAIN_SHARE`` of it."""
+    best, last = history.best, history.last
+    return (history.mode == "min" and reference is not None and reference.trusted and best is not None
+            and last is not None
+            and finite_number(best.val) and best.val >= reference.value and finite_number(last.train)
+            and last.train <= NOTHING_CARRIES_TRAIN_SHARE * reference.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +362,13 @@ def overfitting(history: FitHistory, reference: Optional[Reference], metric: str
                f"{fall:.0%} ({best.train:.4g} -> {last.train:.4g}): the model is overfitting.")
     if not strong:
         message = message.replace("the model is overfitting", "the model starts to overfit (Prechelt GL5)")
-    return Verdict("overfitting", message, OVERFIT_ADVICE.format(epoch=best.epoch, callbacks=callbacks_hint),
-                      evidence, None if strong else "info")
+    advice = OVERFIT_ADVICE.format(epoch=best.epoch, callbacks=callbacks_hint)
+    if nothing_carries_over(history, reference):
+        evidence["val_never_below_chance"] = _r(reference.value)
+        message = message[:-1] + (f"; but the validation loss was never below the chance level ln C = "
+                                  f"{reference.value:.4g} (best {best.val:.4g}): nothing learned carries over to it.")
+        advice = NOTHING_CARRIES_ADVICE + advice[0].lower() + advice[1:]
+    return Verdict("overfitting", message, advice, evidence, None if strong else "info")
 
 
 def clearly_overfit(verdict: Optional[Verdict]) -> bool:
