@@ -852,10 +852,12 @@ class DecayedPerBatch(Classifier):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": self.interval}}
 
 
-def _verdicts(tmp_path, module, **kwargs):
+def _verdicts(tmp_path, make, seed=0, **kwargs):
+    """``make()`` builds the module after the seed (its initialization is part of the run)."""
     diagnostics = Diagnostics(console=False, lr_probe=LearningRateProbe(budget_fraction=None))
-    pl.seed_everything(0)
-    fit(tmp_path, module, *digits_loaders(), [diagnostics], logger=False, **kwargs)
+    pl.seed_everything(seed)
+    module = make()
+    fit(tmp_path, module, *digits_loaders(), [diagnostics], logger=False, seed=seed, **kwargs)
     return [f for f in diagnostics.findings if f.code in VERDICTS], diagnostics
 
 
@@ -864,16 +866,16 @@ def test_a_rate_far_below_every_useful_one_is_too_low_not_a_code_bug(tmp_path):
     learning rate fits" and "the loss ignores the input" say nothing: both used to make a code bug (an error), and a
     schedule that decayed the rate made the re-probe from step 0's weights call it "wrecked, use 1.2e-11". Now:
     lr_too_low, naming the schedule when one lowered the rate. The same schedule stepped per epoch stays silent."""
-    decayed, _ = _verdicts(tmp_path / "step", DecayedPerBatch("step"), max_epochs=6)
+    decayed, _ = _verdicts(tmp_path / "step", lambda: DecayedPerBatch("step"), max_epochs=6)
     detail = [(f.code, f.step, f.message) for f in decayed]
     assert [f.code for f in decayed] == ["lr_too_low"] and decayed[0].severity.value == "warning", detail
     assert "Every learning rate tried is too small" in decayed[0].message and "schedule has lowered it" in decayed[0].message
     assert decayed[0].evidence["schedule_start_lr"] == pytest.approx(0.05) and "interval" in decayed[0].advice
     assert decayed[0].evidence["suggested_lr"] > 1e3 * decayed[0].evidence["current_lr"]
-    constant, _ = _verdicts(tmp_path / "tiny", Classifier(mlp([64, 128, 10]), 1e-9, "sgd"), max_epochs=3)
+    constant, _ = _verdicts(tmp_path / "tiny", lambda: Classifier(mlp([64, 128, 10]), 1e-9, "sgd"), max_epochs=3)
     assert [f.code for f in constant] == ["lr_too_low"], [(f.code, f.message) for f in constant]
     assert "schedule" not in constant[0].message
-    healthy, diagnostics = _verdicts(tmp_path / "epoch", DecayedPerBatch("epoch"), max_epochs=6)
+    healthy, diagnostics = _verdicts(tmp_path / "epoch", lambda: DecayedPerBatch("epoch"), max_epochs=6)
     assert not healthy and not codes(diagnostics.findings), [(f.code, f.message) for f in diagnostics.findings]
 
 
@@ -912,3 +914,22 @@ def test_a_sweep_from_a_snapshot_runs_at_the_current_rate():
     assert clone.param_groups[0]["lr"] == pytest.approx(1e-5) and clone.param_groups[0]["momentum"] == 0.5
     assert torch.equal(clone.state_dict()["state"][0]["momentum_buffer"], old["state"][0]["momentum_buffer"])
     assert opt.param_groups[0]["lr"] == 1e-6  # the user's optimizer untouched
+
+
+class WarmUpTo(Classifier):
+    """SGD with momentum and a linear warm-up from 1/100 of ``lr`` over 50 steps (stepped per batch)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        warm = torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, total_iters=50)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+
+def test_a_warm_up_to_a_rate_too_high_is_probed_from_the_snapshot_at_the_current_rate(tmp_path):
+    """A warm-up to SGD at 3.0 blows the digits MLP up by step 23; the probe goes back to step 0's weights. It used to
+    sweep them at step 0's rate (0.03, restored with the snapshot's optimizer state) while reporting the current one,
+    and gave no verdict; at the current rate 1/100 of it fits and 1x diverges: lr_too_high, about 0.01-0.03."""
+    found, _ = _verdicts(tmp_path, lambda: WarmUpTo(mlp([64, 128, 128, 10]), 3.0, "sgd"), max_steps=60)
+    assert [f.code for f in found] == ["lr_too_high"], [(f.code, f.message) for f in found]
+    assert "probed from the weights of step 0" in found[0].message
+    assert 3e-3 <= found[0].evidence["suggested_lr"] <= 0.1
