@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import random
 import time
@@ -414,6 +415,16 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any], fac
     return new
 
 
+def step_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure (``torch.optim.LBFGS``: it evaluates the loss several times
+    per step); Lightning always passes one, the probe only where it is required."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     lr = optimizer.param_groups[0]["lr"]
     return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
@@ -631,6 +642,7 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
         def train(factor: float, part: Any, held: Any, note_missing: bool = False) -> FactorResult:
             start.restore_weights()
             opt = clone_optimizer(optimizer, opt_state, factor)
+            needs_closure = step_needs_closure(opt)
             torch.manual_seed(PROBE_SEED)
             ran, diverged, first, peak = 0, False, math.nan, -math.inf
             began = time.perf_counter()
@@ -663,7 +675,15 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                     norms = [n for n in norms if n > 0]
                     if len(norms) == 2 and len(weights) > 1:
                         grad_ratio[0] = norms[0] / norms[1]
-                opt.step()
+                if needs_closure:  # (LBFGS re-evaluates the loss inside its step)
+                    def closure() -> torch.Tensor:
+                        opt.zero_grad(set_to_none=True)
+                        again = loss_fn(part)
+                        again.backward()
+                        return again
+                    opt.step(closure)
+                else:
+                    opt.step()
                 ran += 1
             final = math.inf if diverged else evaluate(part)
             if math.isfinite(final) and final > DIVERGED_RATIO * start_loss:

@@ -933,3 +933,31 @@ def test_a_warm_up_to_a_rate_too_high_is_probed_from_the_snapshot_at_the_current
     assert [f.code for f in found] == ["lr_too_high"], [(f.code, f.message) for f in found]
     assert "probed from the weights of step 0" in found[0].message
     assert 3e-3 <= found[0].evidence["suggested_lr"] <= 0.1
+
+
+class WithLBFGS(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=5)
+
+
+def test_an_optimizer_that_needs_a_closure_is_probed_and_training_unchanged(tmp_path):
+    """LBFGS's step requires a closure (Lightning passes one): the probe's sweep used to call ``step()`` bare and the
+    probe switched itself off with an internal error. It now passes a closure where the step requires one; the run
+    is bitwise the one without the probe."""
+    from diag.probe import step_needs_closure
+
+    params = list(nn.Linear(2, 2).parameters())
+    assert step_needs_closure(torch.optim.LBFGS(params)) and not step_needs_closure(torch.optim.SGD(params, lr=0.1))
+    models = []
+    for watched in (False, True):
+        pl.seed_everything(0)
+        model = WithLBFGS(mlp([64, 32, 10]), 0.5)
+        probe = LearningRateProbe(budget_fraction=None)
+        asker = Asker(at=6)
+        asker._attach(probe.context)
+        fit(tmp_path / str(watched), model, digits_loaders()[0], None, [asker, probe] if watched else [], max_steps=12,
+            logger=False)
+        models.append(model)
+    assert len(probe.results) == 1, [(f.code, f.message) for f in probe.findings]
+    assert "diag_internal_error" not in {f.code for f in probe.findings}
+    assert state_equal(*models)
