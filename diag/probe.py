@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diag.batch import batch_size, halves, map_tensors, zero_inputs  # noqa: F401 (zero_inputs: the probe's default)
+from diag.batch import batch_size, halves, map_tensors, targets_of, zero_inputs  # noqa: F401 (zero_inputs: the probe's default)
 
 # The factors of the current learning rate tried on the frozen batch: four orders of magnitude around it, as the
 # issue asks ("1e-2 ... 1e2 of the current LR").
@@ -88,6 +88,7 @@ class FactorResult:
     diverged: bool
     peak_loss: float = math.nan  # the highest loss on A seen during the steps
     heldout_start_loss: float = math.nan  # on B at the starting weights
+    accuracy: float = math.nan  # on A after the steps: the share of argmax predictions equal to integer class targets
 
     @property
     def peak_ratio(self) -> float:
@@ -137,6 +138,8 @@ class ProbeResult:
     zero_input_final_loss: float = math.nan  # on zeroed A after the steps
     zero_input_heldout_loss: float = math.nan  # on zeroed B after the steps
     real_input_final_loss: float = math.nan  # on A after the steps at that factor (same as the factor's final_loss)
+    zero_input_accuracy: float = math.nan  # argmax accuracy on zeroed A after the zero-input fit (see class_accuracy)
+    real_input_accuracy: float = math.nan  # the same on A after the steps at that factor
     outputs_look_like_probabilities: bool = False
     probability_width: int = 0  # when the outputs look like probabilities: their width (the class count C)
     params_without_gradient: List[str] = dataclasses.field(default_factory=list)
@@ -175,6 +178,9 @@ class ProbeResult:
         if math.isfinite(self.zero_input_final_loss):
             ev["zero_input_loss_after_fit"] = self.zero_input_final_loss
             ev["real_input_loss_after_fit"] = self.real_input_final_loss
+        if math.isfinite(self.real_input_accuracy):
+            ev["real_input_accuracy_after_fit"] = self.real_input_accuracy
+            ev["zero_input_accuracy_after_fit"] = self.zero_input_accuracy
             ev["heldout_loss_zero_input_fit"] = self.zero_input_heldout_loss
         if math.isfinite(self.zero_input_start_loss):
             ev["zero_input_loss_start"] = self.zero_input_start_loss
@@ -461,6 +467,24 @@ def looks_like_probabilities(output: Any) -> bool:
     return in_unit and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
 
 
+def class_accuracy(output: Any, targets: Any) -> float:
+    """The share of argmax predictions equal to integer class targets: logits ``(N, C)`` or ``(N, ..., C)`` against
+    targets ``(N,)`` or ``(N, ...)`` (classes last), or ``(N, C, ...)`` against ``(N, ...)`` (classes at dim 1, as
+    ``F.cross_entropy`` takes them); NaN for anything else (regression, soft targets, several outputs)."""
+    output = _main_output(output)
+    if not (isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor)) or not output.is_floating_point() \
+            or targets.is_floating_point() or targets.dtype == torch.bool or output.dim() != targets.dim() + 1 \
+            or output.dim() < 2 or targets.numel() == 0:
+        return math.nan
+    if output.shape[:-1] == targets.shape and output.shape[-1] >= 2:
+        predicted = output.argmax(-1)
+    elif output.shape[:1] + output.shape[2:] == targets.shape and output.shape[1] >= 2:
+        predicted = output.argmax(1)
+    else:
+        return math.nan
+    return float((predicted == targets.to(predicted.device)).float().mean())
+
+
 def _record_output(module: nn.Module, fn: Callable[[], Any]) -> Tuple[Any, Any]:
     """Run ``fn`` once and return (its value, the model's output): the top module's forward output if it was
     called, else the output of the last leaf module that ran."""
@@ -685,13 +709,20 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
                 else:
                     opt.step()
                 ran += 1
-            final = math.inf if diverged else evaluate(part)
+            accuracy = math.nan
+            if diverged:
+                final = math.inf
+            else:
+                with torch.no_grad():
+                    final_t, out = _record_output(module, lambda: loss_fn(part))
+                final = float(final_t.detach())
+                accuracy = class_accuracy(out, targets_of(part))
             if math.isfinite(final) and final > DIVERGED_RATIO * start_loss:
                 diverged = True
             held_loss = math.nan if held is None else math.inf if diverged else evaluate(held)
             del opt
             return FactorResult(factor, base_lr * factor, first, final, held_loss, ran, diverged, peak,
-                                start_held if part is fit_part else held_zero_start)
+                                start_held if part is fit_part else held_zero_start, accuracy)
 
         results: List[FactorResult] = []
         ordered_factors = sorted(factors)
@@ -749,6 +780,8 @@ def run_probe(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
             result.zero_input_final_loss = zero.final_loss
             result.zero_input_heldout_loss = zero.heldout_loss
             result.real_input_final_loss = best.final_loss
+            result.zero_input_accuracy = zero.accuracy
+            result.real_input_accuracy = best.accuracy
         result.seconds = time.perf_counter() - started
         return result
     finally:

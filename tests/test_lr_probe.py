@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import math
 import os
 import time
 
@@ -961,3 +962,42 @@ def test_an_optimizer_that_needs_a_closure_is_probed_and_training_unchanged(tmp_
     assert len(probe.results) == 1, [(f.code, f.message) for f in probe.findings]
     assert "diag_internal_error" not in {f.code for f in probe.findings}
     assert state_equal(*models)
+
+
+class Smoothed(Classifier):
+    """Cross-entropy with label_smoothing=0.9: on 10 classes its loss cannot fall below 2.17 (from ln 10 = 2.30)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=0.9)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_loss_with_a_high_floor_is_no_code_bug_when_the_input_decides_the_predictions(tmp_path):
+    """Label smoothing 0.9: after its plateau the probe sees the loss fall 1% at every rate and the real inputs beat the
+    zeroed ones by 1.5% only, which made a code bug. Fitted, the model predicts every label of the batch from its input
+    (argmax) and almost none with the inputs zeroed: the loss has a floor; no verdict."""
+    found, diagnostics = _verdicts(tmp_path, lambda: Smoothed(mlp([64, 128, 10]), 1e-3), max_epochs=4)
+    probe = diagnostics.monitor(LearningRateProbe)
+    assert probe.results, "the plateau did not ask for the probe"
+    evidence = probe.results[0].evidence()
+    assert evidence["real_input_accuracy_after_fit"] >= 0.9 and evidence["zero_input_accuracy_after_fit"] <= 0.5
+    assert max(r.progress for r in probe.results[0].factors) < 0.1  # by the loss, nothing "fits"
+    assert not found, [(f.code, f.message) for f in found]
+
+
+def test_class_accuracy_matches_brute_force():
+    from diag.probe import class_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)
+    brute = sum(int(max(range(5), key=lambda c: logits[i, c]) == labels[i]) for i in range(16)) / 16
+    assert class_accuracy(logits, labels) == pytest.approx(brute)
+    seq, tags = torch.randn(4, 7, 3, generator=g), torch.randint(0, 3, (4, 7), generator=g)
+    brute = sum(int(max(range(3), key=lambda c: seq[i, t, c]) == tags[i, t]) for i in range(4) for t in range(7)) / 28
+    assert class_accuracy(seq, tags) == pytest.approx(brute)  # classes last
+    assert class_accuracy(seq.transpose(1, 2), tags) == pytest.approx(brute)  # classes at dim 1 (F.cross_entropy)
+    assert math.isnan(class_accuracy(torch.randn(16, 1), torch.randn(16)))  # regression
+    assert math.isnan(class_accuracy(logits, torch.softmax(logits, 1)))  # soft targets
+    assert class_accuracy((logits, "aux"), labels) == class_accuracy(logits, labels)  # the main output of several
