@@ -81,6 +81,9 @@ CATALOGUE: Dict[str, CodeInfo] = {
            "Pass a validation DataLoader and log self.log(\"val_loss\", loss) in validation_step, or name the metric with FitMonitor(monitor=...)."),
         _c("inputs_not_normalized", "warning", "input features are far from zero mean / unit scale, or scales differ by orders of magnitude",
            "Standardize inputs (subtract the training mean, divide by the training std); scale 0-255 images to [0, 1] and normalize."),
+        _c("targets_not_normalized", "info", "float regression targets are two orders of magnitude above unit scale",
+           "Standardize the targets (training mean and std; undo it on the predictions), or initialize the output "
+           "bias to their mean."),
         _c("class_imbalance", "warning", "the label distribution is heavily skewed",
            "Use class weights in the loss, a WeightedRandomSampler, or report per-class metrics."),
         _c("batches_not_shuffled", "info", "the first epoch's batches hold far fewer distinct labels than random "

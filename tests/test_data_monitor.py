@@ -533,3 +533,25 @@ def test_through_diagnostics(tmp_path):
         callbacks=[diagnostics], max_epochs=1)
     assert codes(diagnostics.findings) == {"inputs_not_normalized", "train_val_overlap", "adam_coupled_weight_decay"}
     assert diagnostics.context.get("data/batch_size") == 64
+
+
+def test_regression_targets_far_from_unit_scale_are_an_info_and_unit_ones_are_silent(tmp_path):
+    """Targets around 5000 (std 2000): the info, with what standardizing means. The same targets standardized, a
+    2-D target, class labels and [0, 1] soft targets: nothing. The figures against brute force over the batches seen."""
+    from tests.test_healthy_suite import Regressor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 8, generator=g)
+    y = 5000 + 2000 * (x[:, 0] - 0.5 * x[:, 1] ** 2) + 100 * torch.randn(1200, generator=g)
+    in_order = DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=64)  # (the first 8 batches: y[:512])
+    monitor = _fit(tmp_path, Regressor(), in_order)
+    finding = _one(monitor.findings, "targets_not_normalized")
+    assert finding.severity is Severity.INFO and "Standardize the targets" in finding.advice
+    seen = y[:8 * 64]
+    assert finding.evidence["values_per_feature"] == 8 * 64
+    assert finding.evidence["median_feature_rms"] == pytest.approx(float(seen.double().square().mean().sqrt()), rel=1e-3)
+    standardized = (y - y[:1000].mean()) / y[:1000].std()
+    monitor = _fit(tmp_path, Regressor(), *_loaders(x, standardized, 1000))
+    assert "targets_not_normalized" not in {f.code for f in monitor.findings}
+    assert rules.targets_not_normalized(summarize(torch.rand(256, 3), 1)) is None  # in [0, 1]: probabilities, masks
+    assert rules.targets_not_normalized(summarize(300 * torch.randn(256, 2, generator=g), 1)).code == "targets_not_normalized"

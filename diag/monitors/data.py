@@ -58,7 +58,7 @@ class DataMonitor(Monitor):
         trainer.fit(model, train_loader, val_loader)
     """
 
-    STATE = ("_inputs_done", "_labels_done", "_overlap_done")  # checkpointed (see Monitor.STATE)
+    STATE = ("_inputs_done", "_targets_done", "_labels_done", "_overlap_done")  # checkpointed (see Monitor.STATE)
 
     def __init__(self, max_batches: int = 8, max_hashes: int = 100_000, input_key: Optional[Union[str, int]] = None,
                  target_key: Optional[Union[str, int]] = None,
@@ -73,12 +73,15 @@ class DataMonitor(Monitor):
         self.select = select
         self._reset_run_state()
         self._inputs_done = False
+        self._targets_done = False
         self._labels_done = False
         self._overlap_done = False
 
     def _reset_run_state(self) -> None:
         self._epochs_seen = 0
         self._moments = FeatureMoments()
+        self._target_moments = FeatureMoments()
+        self._target_batches = 0
         self._feature_axis: Optional[int] = None
         self._input_ndim = 0
         self._input_batches = 0
@@ -120,6 +123,8 @@ class DataMonitor(Monitor):
             self._arm_hooks(pl_module, parts)
         if not self._inputs_done and inputs is not None and self._input_batches < self.max_batches:
             self._update_moments(inputs)
+        if not self._targets_done and self._target_batches < self.max_batches:
+            self._update_targets(parts.targets)
         if not self._labels_done:
             if parts.targets is None or not self._labels.update(parts.targets):
                 self._labels_done = True  # no (single) class label per sample: nothing to count
@@ -138,6 +143,14 @@ class DataMonitor(Monitor):
                 self._inputs_done = True  # integer ids or a shape we do not summarize
             return
         self._input_batches += 1
+
+    def _update_targets(self, targets: Any) -> None:
+        """Moments of float targets (one column per target value of a sample); anything else ends the count."""
+        if not isinstance(targets, torch.Tensor) or not targets.is_floating_point() or targets.dim() == 0 \
+                or not self._target_moments.update(targets.detach().reshape(targets.shape[0], -1), 1):
+            self._targets_done = True
+            return
+        self._target_batches += 1
 
     def _arm_hooks(self, pl_module: Any, parts: BatchParts) -> None:
         """For the first batch only: what the first weight layer receives (does the model normalize float inputs
@@ -173,15 +186,18 @@ class DataMonitor(Monitor):
             self._raw_inputs = None
         if not self._inputs_done and self._input_batches >= self.max_batches:
             self._judge_inputs()
+        if not self._targets_done and self._target_batches >= self.max_batches:
+            self._judge_targets()
 
     def _measured_all(self) -> bool:
-        return self._epochs_seen > 0 or (self._inputs_done and self._labels_done and self._train_hashing_done)
+        return self._epochs_seen > 0 or (self._inputs_done and self._targets_done and self._labels_done
+                                         and self._train_hashing_done)
 
     def wants(self, step: int) -> Dict[str, float]:
         """Training batches until everything is measured (the first epoch at most)."""
         return {"on_train_batch_start": NEVER if self._measured_all() else step,
-                "on_train_batch_end": NEVER if not self._handles and (self._inputs_done or self._epochs_seen > 0)
-                else step}
+                "on_train_batch_end": NEVER if not self._handles and ((self._inputs_done and self._targets_done)
+                                                                      or self._epochs_seen > 0) else step}
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._epochs_seen == 0:
@@ -195,6 +211,8 @@ class DataMonitor(Monitor):
     def _finish_first_epoch(self, pl_module: Any) -> None:
         if not self._inputs_done:
             self._judge_inputs()
+        if not self._targets_done:
+            self._judge_targets()
         if not self._labels_done:
             self._judge_labels(pl_module)
         self._train_hashing_done = True
@@ -232,6 +250,13 @@ class DataMonitor(Monitor):
             if not same and first_summary is not None and rules.normalized_in_model(first_summary):
                 normalized_inside = name
         self.report_verdict(rules.inputs_not_normalized(summary, channels=channels, normalized_inside=normalized_inside))
+
+    def _judge_targets(self) -> None:
+        self._targets_done = True
+        summary = self._target_moments.compute()
+        self._target_moments = FeatureMoments()
+        if summary is not None:
+            self.report_verdict(rules.targets_not_normalized(summary))
 
     def _judge_labels(self, pl_module: Any) -> None:
         self._labels_done = True
