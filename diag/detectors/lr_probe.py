@@ -204,13 +204,14 @@ def _code_bug(result: ProbeResult, trained_steps: int, reasons: Sequence[str]) -
     if small_model:
         ev["trainable_params"] = result.trainable_params
         ev["first_last_grad_ratio"] = result.first_last_grad_ratio
-    from_input = predicts_from_input(result)
-    if best_progress < NO_FIT_PROGRESS and not small_model and not below_useful_rates(result) and not from_input:
+    # Neither "no rate fits" nor "the loss ignores the input" holds when no rate tried did anything, or when the fitted
+    # model predicts the batch's labels from its input (a loss with a floor): see below_useful_rates, predicts_from_input
+    judged_on_loss = not small_model and not below_useful_rates(result) and not predicts_from_input(result)
+    if best_progress < NO_FIT_PROGRESS and judged_on_loss:
         seen.append(f"no learning rate from {lo:g}x to {hi:g}x the current one fits a {result.samples_fit}-sample batch "
                     f"in {result.steps} steps (best: the loss {_pct(best_progress)})")
         ev["best_progress"] = best_progress
-    if not small_model and not below_useful_rates(result) and not from_input and math.isfinite(result.zero_input_final_loss) \
-            and result.zero_input_final_loss > 0 and \
+    if judged_on_loss and math.isfinite(result.zero_input_final_loss) and result.zero_input_final_loss > 0 and \
             INPUT_GAIN_RATIO * result.zero_input_final_loss <= result.real_input_final_loss \
             <= result.zero_input_final_loss / INPUT_GAIN_RATIO:
         seen.append(f"the loss does not depend on the input: fitted with the real inputs it reaches "
